@@ -1,0 +1,238 @@
+"""`quantize`: fake quantization with a straight-through gradient, eager or compiled.
+
+The eager path is the reference. Large tensors go through the same functions compiled by
+torch.compile (fused into a few passes over memory); tests hold the two equal bit for bit. Set
+HWNOISE_COMPILE=0 to stay eager.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .blocks import from_blocks, normalize_axes, normalize_block, to_blocks
+from .elements import ROUNDING_MODES, round_to_element
+from .registry import FLAVORS, FormatSpec, get
+
+ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STE_MODES = ("identity", "clipped")
+COMPILE_MIN_NUMEL = 1 << 20  # below this, compile overhead is not worth it
+
+
+@dataclass(frozen=True)
+class Options:
+    """Resolved options for one quantize call (hashable: keys the compile cache)."""
+
+    fmt: FormatSpec
+    scale_mode: str | None
+    rounding: str
+    block: tuple[int, ...] | None
+    axes: tuple[int, ...] | None
+    flavor: str | None
+
+
+def resolve_options(fmt: FormatSpec, scale_mode=None, rounding=None, block=None, flavor=None) -> dict:
+    """Validate options against the format; return the ones that differ from its defaults."""
+    out = {}
+    if scale_mode is not None:
+        if fmt.family != "mx":
+            raise ValueError(f"{fmt.name} has no scale_mode (only MX formats take one); got {scale_mode!r}")
+        if scale_mode not in kernels.SCALE_MODES:
+            raise ValueError(f"unknown scale_mode {scale_mode!r}; known: {', '.join(kernels.SCALE_MODES)}")
+        out["scale_mode"] = scale_mode
+    if rounding is not None:
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+        out["rounding"] = rounding
+    if block is not None:
+        if fmt.block is None:
+            raise ValueError(f"{fmt.name} has no blocks ({fmt.scale_format} scaling); do not pass block={block!r}")
+        block = normalize_block(block)
+        if fmt.family == "hif4" and block != (64,):
+            raise ValueError(f"hif4 groups are 64 elements by definition; got block={block!r}")
+        out["block"] = block
+    if flavor is not None:
+        known = FLAVORS.get(fmt.family, ())
+        if flavor not in known:
+            raise ValueError(f"unknown flavor {flavor!r} for {fmt.name}; known: {', '.join(known) or '(none)'}")
+        out["flavor"] = flavor
+    return out
+
+
+def _check_tensor(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ACCEPTED_DTYPES:
+        raise TypeError(f"quantize expects a float32, bfloat16 or float16 tensor, got {x.dtype}")
+
+
+def _options(x, fmt, scale_mode, rounding, block, axis, flavor) -> Options:
+    fmt = get(fmt)
+    fmt = fmt.with_options(scale_mode=scale_mode, rounding=rounding, block=block, flavor=flavor)
+    axes = None
+    if fmt.block is not None:
+        axes = normalize_axes(axis, x.ndim, len(fmt.block))
+    elif axis not in (None, -1):
+        raise ValueError(f"{fmt.name} has no blocks, so axis={axis!r} means nothing; leave it out")
+    return Options(fmt, fmt.scale_mode, fmt.rounding, fmt.block, axes, fmt.flavor)
+
+
+def _finite_amax(x32: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x32), x32.abs(), torch.zeros_like(x32)).amax() if x32.numel() else \
+        torch.zeros((), dtype=torch.float32, device=x32.device)
+
+
+def _uniform_like(x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """U[0,1) draws, one per element of x: keyed by the seed (or the global generator if None)."""
+    if seed is None:
+        return torch.rand(x.shape, dtype=torch.float32, device=x.device)
+    g = torch.Generator(device=x.device)
+    g.manual_seed(int(seed))
+    return torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=g)
+
+
+def fake_quantize(x: torch.Tensor, o: Options, uniform: torch.Tensor | None) -> torch.Tensor:
+    """The whole round trip for one resolved option set, as plain tensor ops (compilable)."""
+    fmt = o.fmt
+    x32 = x.to(torch.float32)
+    if fmt.family == "cast":
+        if o.rounding == "rne":
+            target = torch.bfloat16 if fmt.element.name == "bf16" else torch.float16
+            y = x32.to(target).to(torch.float32)
+        else:
+            y = round_to_element(x32, fmt.element, o.rounding, uniform)
+        return y.to(x.dtype)
+    if fmt.family == "per_tensor":
+        return kernels.per_tensor_blocks(x32, _finite_amax(x32), fmt.element, o.rounding, uniform).to(x.dtype)
+    xb, layout = to_blocks(x32, o.block, o.axes)
+    ub = to_blocks(uniform, o.block, o.axes)[0] if uniform is not None else None
+    if fmt.family == "mx":
+        yb = kernels.mx_blocks(xb, fmt.element, o.scale_mode, o.rounding, ub, o.flavor)
+    elif fmt.family == "nvfp4":
+        yb = kernels.nvfp4_blocks(xb, _finite_amax(x32), fmt.element, o.rounding, ub, o.flavor)
+    elif fmt.family == "hif4":
+        from .hif4 import quantize_groups
+
+        yb = quantize_groups(xb, o.rounding, ub)
+    else:  # pragma: no cover - the registry only holds known families
+        raise AssertionError(fmt.family)
+    return from_blocks(yb, layout).to(x.dtype)
+
+
+def saturation_mask(x: torch.Tensor, o: Options) -> torch.Tensor:
+    """Where |x| lies beyond the largest magnitude its block (or tensor) can represent."""
+    fmt = o.fmt
+    x32 = x.to(torch.float32)
+    if fmt.family == "cast":
+        return x32.abs() > fmt.element.max_normal
+    if fmt.family == "per_tensor":
+        return torch.zeros_like(x32, dtype=torch.bool)  # the scale maps the amax onto the maximum
+    xb, layout = to_blocks(x32, o.block, o.axes)
+    if fmt.family == "mx":
+        _, s, _ = kernels.mx_blocks(xb, fmt.element, o.scale_mode, "toward_zero", None, o.flavor, want_codes=True)
+        limit = fmt.element.max_normal * kernels.pow2(s)
+    elif fmt.family == "nvfp4":
+        _, sb, ts, _ = kernels.nvfp4_blocks(xb, _finite_amax(x32), fmt.element, "toward_zero", None, o.flavor,
+                                            want_codes=True)
+        limit = kernels.E2M1_MAX * sb * ts if o.flavor == "nvidia" else kernels.E2M1_MAX * ts * sb
+    else:
+        # HiF4: no single block maximum; use the largest magnitude the group produced.
+        from .hif4 import quantize_groups
+
+        limit = quantize_groups(xb, "rne", None).abs().amax(dim=-1, keepdim=True)
+    return from_blocks(xb.abs() > limit, layout)
+
+
+_compiled: dict[Options, object] = {}
+_compile_broken = False
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("HWNOISE_COMPILE", "1") not in ("0", "false", "no") and not _compile_broken
+
+
+def _into(out: torch.Tensor, t: torch.Tensor, o: Options, u) -> torch.Tensor:
+    return out.copy_(fake_quantize(t, o, u))
+
+
+def _run(x: torch.Tensor, o: Options, uniform, out: torch.Tensor | None = None) -> torch.Tensor:
+    global _compile_broken
+    if x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
+        key = (o, out is not None)
+        fn = _compiled.get(key)
+        if fn is None:
+            # One compiled graph per option set: amax, scale and rounding fuse into two passes.
+            body = (lambda t, u, _o=o: fake_quantize(t, _o, u)) if out is None else \
+                (lambda t, u, dst, _o=o: _into(dst, t, _o, u))
+            fn = _compiled[key] = torch.compile(body, dynamic=False, fullgraph=True)
+        try:
+            return fn(x, uniform) if out is None else fn(x, uniform, out)
+        except Exception as exc:  # a broken toolchain must not break quantization: stay eager
+            _compile_broken = True
+            warnings.warn(f"hwnoise: torch.compile failed ({type(exc).__name__}: {exc}); using the eager path",
+                          RuntimeWarning, stacklevel=3)
+    y = fake_quantize(x, o, uniform)
+    return y if out is None else out.copy_(y)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, o, uniform, clipped):
+        y = _run(x.detach(), o, uniform)
+        ctx.clipped = clipped
+        if clipped:
+            ctx.save_for_backward(saturation_mask(x.detach(), o))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.clipped:
+            (saturated,) = ctx.saved_tensors
+            grad = grad.masked_fill(saturated, 0)
+        return grad, None, None, None
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt="mxfp4",
+    *,
+    scale_mode: str | None = None,
+    rounding: str | None = None,
+    block=None,
+    axis=None,
+    seed: int | None = None,
+    flavor: str | None = None,
+    ste: str = "identity",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize `x` to `fmt`: same shape, dtype and device, values on the format's grid.
+
+    fmt: a registered name or spec string (see `hwnoise.formats.names()`), or a FormatSpec.
+    scale_mode: MX scale rule, "floor" (OCP default), "ceil", "even" or "rceil".
+    rounding: "rne", "half_away", "toward_zero" or "stochastic" (default: the format's own).
+    block: block size, or a 2-D tile such as (32, 32). axis: the block axis (a pair for tiles;
+    default the last axis, or the last two). seed: keys stochastic rounding (None: global RNG).
+    flavor: "ocp"/"torchao" for MX, "nvidia"/"torchao" for NVFP4. ste: the gradient, "identity"
+    (straight through) or "clipped" (zero where the value saturated). out: write the result into
+    this preallocated tensor (same shape, dtype and device; not for tensors that need gradients).
+    """
+    _check_tensor(x)
+    if ste not in STE_MODES:
+        raise ValueError(f"unknown ste {ste!r}; known: {', '.join(STE_MODES)}")
+    o = _options(x, fmt, scale_mode, rounding, block, axis, flavor)
+    uniform = _uniform_like(x, seed) if o.rounding == "stochastic" else None
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}); got {got}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError("out= cannot be used when x requires grad; call quantize(x) instead")
+    if x.numel() == 0:
+        return x.clone() if out is None else out
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, o, uniform, ste == "clipped")
+    return _run(x, o, uniform, out)

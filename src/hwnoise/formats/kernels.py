@@ -1,0 +1,156 @@
+"""Block quantizers: pure functions from fp32 blocks [N, B] to dequantized fp32 blocks.
+
+Each follows its reference's order of operations, with a comment where the order changes the bits.
+They are written with plain tensor ops so that the same function runs eagerly (the reference) and
+under torch.compile (the fast path); tests hold the two equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .elements import F32_MAX, ElementFormat, ceil_log2, floor_log2, pow2, round_to_element_fast
+
+E8M0_BIAS = 127
+E8M0_MIN_EXP = -127
+E8M0_MAX_EXP = 127
+E8M0_NAN = 0xFF
+F32_MIN_NORMAL = 2.0**-126
+E4M3_MAX = 448.0
+E4M3_MIN_NORMAL = 2.0**-6  # torch.finfo(torch.float8_e4m3fn).tiny
+E2M1_MAX = 6.0
+NVFP4_TENSOR_SCALE_NUMERATOR = E4M3_MAX * E2M1_MAX  # 2688: a block at the tensor amax gets scale 448
+
+SCALE_MODES = ("floor", "ceil", "even", "rceil")
+
+
+def mx_scale_exponent(amax: torch.Tensor, elem: ElementFormat, scale_mode: str) -> torch.Tensor:
+    """Shared E8M0 scale exponent of each block, clamped to [-127, 127], from the fp32 bits."""
+    if scale_mode == "floor":
+        s = floor_log2(amax) - elem.emax
+    elif scale_mode == "ceil":
+        s = ceil_log2(amax) - elem.emax
+    elif scale_mode == "even":
+        # Round amax half-up to the element's mantissa width; a carry bumps the exponent.
+        mbits = elem.mbits if elem.kind == "float" else elem.mbits - 1
+        bits = amax.view(torch.int32) + (1 << (23 - mbits - 1))
+        rounded = (bits & 0x7F800000).view(torch.float32)
+        s = floor_log2(torch.where(amax < F32_MIN_NORMAL, amax, rounded)) - elem.emax
+    elif scale_mode == "rceil":
+        # cuBLAS / Transformer Engine: the fp32 quotient rounded up to a power of two (cvt.rp to ue8m0).
+        s = ceil_log2(amax / elem.max_normal)
+    else:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; known: {', '.join(SCALE_MODES)}")
+    return s.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+
+
+def mx_blocks(
+    xb: torch.Tensor,
+    elem: ElementFormat,
+    scale_mode: str,
+    rounding: str,
+    uniform: torch.Tensor | None,
+    flavor: str = "ocp",
+    want_codes: bool = False,
+):
+    """MX fake-quant of blocks. Returns dequantized blocks, or (element values, E8M0 exponents,
+    nonfinite-block mask) with `want_codes`.
+
+    flavor "ocp": the OCP MX v1.0 semantics (a block holding NaN or Inf is NaN; the scale 2^-127 is
+    used as is). flavor "torchao": torchao 0.18's emulation, which divides by max(2^s, 2^-126) in
+    floor/ceil/even, multiplies by 1.0 instead of 2^127 when rceil gives s = -127, and lets Inf
+    saturate instead of poisoning the block.
+    """
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    s = mx_scale_exponent(amax, elem, scale_mode)
+    nonfinite = ~torch.isfinite(amax)
+    if flavor == "torchao":
+        if scale_mode == "rceil":
+            inv = torch.where(s == E8M0_MIN_EXP, torch.ones_like(amax), pow2(-s))
+            v = xb * inv
+        else:
+            v = xb / torch.clamp(pow2(s), min=F32_MIN_NORMAL)
+        nonfinite = torch.isnan(amax)
+    else:
+        v = xb * pow2(-s)  # exact: a power of two in the normal range
+    q = round_to_element_fast(v, elem, rounding, uniform)
+    if want_codes:
+        return q, s, nonfinite
+    out = q * pow2(s)  # exact: few significant bits times a power of two
+    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+
+
+def nvfp4_blocks(
+    xb: torch.Tensor,
+    tensor_amax: torch.Tensor,
+    elem: ElementFormat,
+    rounding: str,
+    uniform: torch.Tensor | None,
+    flavor: str = "nvidia",
+    want_codes: bool = False,
+):
+    """NVFP4: E2M1 elements, E4M3 block scales and an fp32 tensor scale.
+
+    flavor "nvidia" mirrors Transformer Engine's reference quantizer (custom_recipes, 1x16 and 16x16
+    tiles): S_enc = 2688 / amax_tensor, s_b = e4m3(amax_b * (S_enc * (1/6))), encode with
+    1 / (s_b * (1 / S_enc)), decode as (q * s_b) * (1 / S_enc). Block scales may be subnormal or 0.
+    flavor "torchao" mirrors torchao 0.18's two-level `nvfp4_quantize`: tensor scale
+    t = amax_tensor / 2688, s_b = e4m3(clamp(amax_b / t, 2^-6, 448)), encode with (1/t) / s_b,
+    decode as q * (t * s_b).
+    `tensor_amax` is the amax over the finite values of the whole tensor (0-d fp32).
+    """
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
+    if flavor == "nvidia":
+        s_enc = torch.where(usable, NVFP4_TENSOR_SCALE_NUMERATOR / tensor_amax, torch.ones_like(tensor_amax))
+        s_enc = torch.clamp(s_enc, max=F32_MAX)
+        s_dec = 1.0 / s_enc
+        # TE folds 1/6 into the tensor scale first; multiplying in this order changes the bits.
+        multiplier = s_enc * torch.reciprocal(torch.tensor(E2M1_MAX, dtype=torch.float32, device=xb.device))
+        block_scale = torch.clamp(torch.clamp(amax * multiplier, max=F32_MAX), max=E4M3_MAX)
+        block_scale = block_scale.to(torch.float8_e4m3fn).to(torch.float32)
+        encode = torch.clamp(1.0 / (block_scale * s_dec), max=F32_MAX)
+        v = torch.clamp(xb * encode, -E2M1_MAX, E2M1_MAX)
+        nonfinite = ~torch.isfinite(amax)
+        tensor_scale = s_dec
+    elif flavor == "torchao":
+        t = torch.where(usable, tensor_amax / NVFP4_TENSOR_SCALE_NUMERATOR, torch.ones_like(tensor_amax))
+        # torchao divides by 6 first, then by the tensor scale; the order changes the bits.
+        block_scale = torch.clamp((amax / E2M1_MAX) / t, min=E4M3_MIN_NORMAL, max=E4M3_MAX)
+        block_scale = block_scale.to(torch.float8_e4m3fn).to(torch.float32)
+        v = torch.clamp(xb * ((1.0 / t) / block_scale), -E2M1_MAX, E2M1_MAX)
+        # A subnormal tensor scale makes 1/t inf and 0 * inf NaN, which torchao turns into garbage
+        # codes; zero stays zero here.
+        v = torch.where(xb == 0, torch.zeros_like(v), v)
+        nonfinite = torch.isnan(amax)
+        tensor_scale = t
+    else:
+        raise ValueError(f"unknown nvfp4 flavor {flavor!r}; known: nvidia, torchao")
+    q = round_to_element_fast(v, elem, rounding, uniform)
+    if want_codes:
+        return q, block_scale, tensor_scale, nonfinite
+    if flavor == "nvidia":
+        out = (q * block_scale) * tensor_scale
+    else:
+        out = q * (tensor_scale * block_scale)
+    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+
+
+def nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor):
+    out = (q * block_scale) * tensor_scale if flavor == "nvidia" else q * (tensor_scale * block_scale)
+    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+
+
+def per_tensor_blocks(
+    x: torch.Tensor, tensor_amax: torch.Tensor, elem: ElementFormat, rounding: str, uniform,
+    want_codes: bool = False,
+):
+    """Per-tensor scaled FP8 (torchao.float8 convention): scale = max_elem / amax, x_q = q / scale.
+    Non-finite inputs become NaN."""
+    usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
+    scale = torch.where(usable, elem.max_normal / tensor_amax, torch.ones_like(tensor_amax))
+    q = round_to_element_fast(x * scale, elem, rounding, uniform)
+    q = torch.where(torch.isfinite(x), q, torch.full_like(q, float("nan")))
+    if want_codes:
+        return q, scale
+    return q / scale

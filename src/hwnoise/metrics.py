@@ -1,0 +1,65 @@
+"""Error metrics between a reference tensor x and its approximation x_hat (computed in float64)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    return x.detach().to(torch.float64), x_hat.detach().to(torch.float64)
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio: 10 log10(sum x^2 / sum (x - x_hat)^2), in dB.
+    inf when x_hat equals x; -inf when x is all zero but x_hat is not."""
+    x, x_hat = _pair(x, x_hat)
+    signal = float((x * x).sum())
+    noise = float(((x - x_hat) ** 2).sum())
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean squared error: mean((x - x_hat)^2)."""
+    x, x_hat = _pair(x, x_hat)
+    return float(((x - x_hat) ** 2).mean()) if x.numel() else 0.0
+
+
+def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean relative error over the nonzero entries of x: mean(|x - x_hat| / |x|) for x != 0."""
+    x, x_hat = _pair(x, x_hat)
+    nz = x != 0
+    if not bool(nz.any()):
+        return 0.0
+    return float(((x - x_hat).abs()[nz] / x.abs()[nz]).mean())
+
+
+def deadzone_ratio(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Share of the nonzero entries of x that x_hat flushes to zero: #(x != 0 and x_hat == 0) / #(x != 0)."""
+    x, x_hat = _pair(x, x_hat)
+    nz = x != 0
+    n = int(nz.sum())
+    return int((nz & (x_hat == 0)).sum()) / n if n else 0.0
+
+
+def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, fmt=None, **format_options) -> float:
+    """Share of the entries of x that lie beyond the largest magnitude their block can represent
+    (they were clipped). With a format, the block limits come from the format; without one,
+    the ratio counts entries with |x| > max |x_hat| (clipped against the tensor's top value)."""
+    x64, x_hat64 = _pair(x, x_hat)
+    if x64.numel() == 0:
+        return 0.0
+    if fmt is None:
+        return int((x64.abs() > x_hat64.abs().max()).sum()) / x64.numel()
+    from .formats.fake_quant import _options, saturation_mask
+
+    o = _options(x, fmt, format_options.get("scale_mode"), format_options.get("rounding"),
+                 format_options.get("block"), format_options.get("axis"), format_options.get("flavor"))
+    return int(saturation_mask(x.detach(), o).sum()) / x64.numel()
