@@ -84,6 +84,8 @@ ELEMENTS: dict[str, ElementFormat] = {
         ElementFormat("e5m2", ebits=5, mbits=2, bias=15, max_normal=57344.0, has_inf=True),
         # OCP MX INT8: two's complement with an implicit 2^-6 scale, kept symmetric (+-127/64).
         ElementFormat("int8", ebits=0, mbits=7, bias=0, max_normal=127 / 64, kind="int", fraction_bits=6),
+        # HiF4's S1P2: sign + 3 magnitude bits, magnitudes k/4 for k = 0..7 (sign-magnitude).
+        ElementFormat("s1p2", ebits=0, mbits=3, bias=0, max_normal=1.75, kind="int", fraction_bits=2),
         ElementFormat("bf16", ebits=8, mbits=7, bias=127, max_normal=float(torch.finfo(torch.bfloat16).max),
                       saturate=False, has_inf=True),
         ElementFormat("fp16", ebits=5, mbits=10, bias=15, max_normal=65504.0, saturate=False, has_inf=True),

