@@ -55,6 +55,11 @@ def formats_command(
 
     from .models import DEFAULT_MODEL_NOTE, load
 
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
     t0 = time.perf_counter()
     with console.status(f"loading {model} ..."):
         try:
