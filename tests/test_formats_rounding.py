@@ -100,14 +100,16 @@ def test_out_parameter_writes_in_place():
                                       ("mxfp4_2d", {})])
 def test_compiled_path_equals_eager_bit_for_bit(fmt, opts, monkeypatch):
     n = quantize_module.COMPILE_MIN_NUMEL
-    x = torch.randn(n // 512, 512) * torch.logspace(-4, 4, 512)
-    x[3, 7] = float("nan")
-    monkeypatch.setenv("HWNOISE_COMPILE", "0")
-    eager = hn.quantize(x, fmt, **opts)
-    monkeypatch.setenv("HWNOISE_COMPILE", "1")
-    compiled = hn.quantize(x, fmt, **opts)
-    assert any(key[0].fmt.name == hn.formats.get(fmt).name for key in quantize_module._compiled)
-    assert torch.equal(eager.nan_to_num(7.0), compiled.nan_to_num(7.0))
-    out = torch.empty_like(x)
-    hn.quantize(x, fmt, out=out, **opts)
-    assert torch.equal(eager.nan_to_num(7.0), out.nan_to_num(7.0))
+    # The second (ragged) shape makes torch.compile recompile with symbolic sizes: check it too.
+    for shape in [(n // 512, 512), (n // 300 + 3, 1000)]:
+        x = torch.randn(shape) * torch.logspace(-4, 4, shape[1])
+        x[3, 7] = float("nan")
+        monkeypatch.setenv("HWNOISE_COMPILE", "0")
+        eager = hn.quantize(x, fmt, **opts)
+        monkeypatch.setenv("HWNOISE_COMPILE", "1")
+        compiled = hn.quantize(x, fmt, **opts)
+        assert any(key[0].fmt.name == hn.formats.get(fmt).name for key in quantize_module._compiled)
+        assert torch.equal(eager.nan_to_num(7.0), compiled.nan_to_num(7.0))
+        out = torch.empty_like(x)
+        hn.quantize(x, fmt, out=out, **opts)
+        assert torch.equal(eager.nan_to_num(7.0), out.nan_to_num(7.0))

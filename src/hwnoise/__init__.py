@@ -2,6 +2,7 @@
 
 from . import formats, metrics
 from .formats import quantize
+from .aqn import AQN
 
 __version__ = "0.1.0"
-__all__ = ["formats", "metrics", "quantize", "__version__"]
+__all__ = ["formats", "metrics", "quantize", "__version__", "AQN"]

@@ -10,6 +10,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+def _quiet_third_party_logs() -> None:
+    """torchao logs missing CUDA extensions and torch logs pytree deprecations on import: noise
+    on a CPU machine. The CLI is an application, so it may set these levels (the library does not)."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 app = typer.Typer(
     help="Emulate number formats and hardware noise, find the layers they hurt, train them robust.",
     no_args_is_help=True,
@@ -57,6 +66,7 @@ def formats_command(
 
     import transformers
 
+    _quiet_third_party_logs()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

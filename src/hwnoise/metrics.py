@@ -49,17 +49,41 @@ def deadzone_ratio(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return int((nz & (x_hat == 0)).sum()) / n if n else 0.0
 
 
+def error_summary(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    """sqnr_db, mse, relative_error and deadzone_ratio in one pass (same formulas as the single
+    functions; elementwise in fp32, sums accumulated in fp64), plus the raw signal and noise
+    energies for pooling over tensors. For large weight surveys."""
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    x, x_hat = x.detach().float(), x_hat.detach().float()
+    err = x - x_hat
+    signal = float(torch.sum(x * x, dtype=torch.float64))
+    noise = float(torch.sum(err * err, dtype=torch.float64))
+    nz = x != 0
+    n_nz = int(nz.sum())
+    rel = torch.where(nz, err.abs() / torch.where(nz, x.abs(), torch.ones_like(x)), torch.zeros_like(x))
+    return {
+        "sqnr_db": math.inf if noise == 0 else -math.inf if signal == 0 else 10.0 * math.log10(signal / noise),
+        "mse": noise / x.numel() if x.numel() else 0.0,
+        "relative_error": float(torch.sum(rel, dtype=torch.float64)) / n_nz if n_nz else 0.0,
+        "deadzone_ratio": int((nz & (x_hat == 0)).sum()) / n_nz if n_nz else 0.0,
+        "signal": signal,
+        "noise": noise,
+    }
+
+
 def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, fmt=None, **format_options) -> float:
     """Share of the entries of x that lie beyond the largest magnitude their block can represent
     (they were clipped). With a format, the block limits come from the format; without one,
     the ratio counts entries with |x| > max |x_hat| (clipped against the tensor's top value)."""
-    x64, x_hat64 = _pair(x, x_hat)
-    if x64.numel() == 0:
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    if x.numel() == 0:
         return 0.0
     if fmt is None:
-        return int((x64.abs() > x_hat64.abs().max()).sum()) / x64.numel()
-    from .formats.fake_quant import _options, saturation_mask
+        return int((x.detach().abs() > x_hat.detach().abs().max()).sum()) / x.numel()
+    from .formats.fake_quant import _options, saturated
 
     o = _options(x, fmt, format_options.get("scale_mode"), format_options.get("rounding"),
                  format_options.get("block"), format_options.get("axis"), format_options.get("flavor"))
-    return int(saturation_mask(x.detach(), o).sum()) / x64.numel()
+    return int(saturated(x, o).sum()) / x.numel()

@@ -20,7 +20,8 @@ from .registry import FLAVORS, FormatSpec, get
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STE_MODES = ("identity", "clipped")
-COMPILE_MIN_NUMEL = 1 << 20  # below this, compile overhead is not worth it
+COMPILE_MIN_NUMEL = 1 << 16  # below this, eager is as fast as a compiled call
+RECOMPILE_LIMIT = 512  # option sets x shapes a session may compile
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def saturation_mask(x: torch.Tensor, o: Options) -> torch.Tensor:
     return from_blocks(xb.abs() > limit, layout)
 
 
-_compiled: dict[Options, object] = {}
+_compiled: dict[tuple, object] = {}
 _compile_broken = False
 
 
@@ -159,24 +160,41 @@ def _into(out: torch.Tensor, t: torch.Tensor, o: Options, u) -> torch.Tensor:
     return out.copy_(fake_quantize(t, o, u))
 
 
-def _run(x: torch.Tensor, o: Options, uniform, out: torch.Tensor | None = None) -> torch.Tensor:
+_BODIES = {
+    "quantize": lambda o: (lambda t, u: fake_quantize(t, o, u)),
+    "quantize_into": lambda o: (lambda t, u, dst: _into(dst, t, o, u)),
+    "saturation": lambda o: (lambda t: saturation_mask(t, o)),
+}
+
+
+def _call(kind: str, o: Options, x: torch.Tensor, *args):
+    """Run `kind` for option set `o`: compiled for large tensors, eager otherwise."""
     global _compile_broken
+    eager = _BODIES[kind](o)
     if x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
-        key = (o, out is not None)
-        fn = _compiled.get(key)
+        fn = _compiled.get((o, kind))
         if fn is None:
-            # One compiled graph per option set: amax, scale and rounding fuse into two passes.
-            body = (lambda t, u, _o=o: fake_quantize(t, _o, u)) if out is None else \
-                (lambda t, u, dst, _o=o: _into(dst, t, _o, u))
-            fn = _compiled[key] = torch.compile(body, dynamic=False, fullgraph=True)
+            # dynamic=None: a second shape recompiles once with symbolic sizes, not once per shape.
+            fn = _compiled[(o, kind)] = torch.compile(eager, dynamic=None, fullgraph=True)
         try:
-            return fn(x, uniform) if out is None else fn(x, uniform, out)
+            # Every option set compiles the same lambda code, and dynamo caps recompiles per code
+            # object; raise the cap for our calls only (nothing global stays changed).
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return fn(x, *args)
         except Exception as exc:  # a broken toolchain must not break quantization: stay eager
             _compile_broken = True
             warnings.warn(f"hwnoise: torch.compile failed ({type(exc).__name__}: {exc}); using the eager path",
                           RuntimeWarning, stacklevel=3)
-    y = fake_quantize(x, o, uniform)
-    return y if out is None else out.copy_(y)
+    return eager(x, *args)
+
+
+def _run(x: torch.Tensor, o: Options, uniform, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _call("quantize", o, x, uniform) if out is None else _call("quantize_into", o, x, uniform, out)
+
+
+def saturated(x: torch.Tensor, o: Options) -> torch.Tensor:
+    """`saturation_mask`, compiled for large tensors."""
+    return _call("saturation", o, x.detach())
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -185,7 +203,7 @@ class _StraightThrough(torch.autograd.Function):
         y = _run(x.detach(), o, uniform)
         ctx.clipped = clipped
         if clipped:
-            ctx.save_for_backward(saturation_mask(x.detach(), o))
+            ctx.save_for_backward(saturated(x, o))
         return y
 
     @staticmethod

@@ -38,18 +38,12 @@ def survey_formats(
         for name, w in weights.items():
             x = w.detach().float()
             y = quantize(x, fmt)
-            row = {
-                "sqnr_db": metrics.sqnr_db(x, y),
-                "mse": metrics.mse(x, y),
-                "relative_error": metrics.relative_error(x, y),
-                "deadzone_ratio": metrics.deadzone_ratio(x, y),
-                "saturation_ratio": metrics.saturation_ratio(x, y, fmt),
-                "numel": x.numel(),
-            }
+            row = metrics.error_summary(x, y)
+            signal += row.pop("signal")
+            noise += row.pop("noise")
+            row["saturation_ratio"] = metrics.saturation_ratio(x, y, fmt)
+            row["numel"] = x.numel()
             layers[name] = row
-            x64 = x.double()
-            signal += float((x64 * x64).sum())
-            noise += float(((x64 - y.double()) ** 2).sum())
             count += x.numel()
             for k in sums:
                 sums[k] += row[k] * x.numel()

@@ -1,0 +1,224 @@
+"""Which modules: layer types ("linear", "rmsnorm"), name globs, decoder-layer indices, excludes.
+
+Every noise tool (``inject``, ``aqn``, ``scan``) picks its modules here, so that "rmsnorm" or
+"layers 14-17" means the same thing everywhere. Results are keyed by fully qualified module
+name (``model.layers.14.input_layernorm``), in the model's own order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "LAYER_TYPES",
+    "decoder_layer_index",
+    "decoder_layer_indices",
+    "format_layer_range",
+    "is_linear",
+    "is_rmsnorm",
+    "matches_name",
+    "parse_layers",
+    "select_modules",
+]
+
+# Never noised unless asked: the vocabulary projections and LoRA adapters (the trainable part).
+DEFAULT_EXCLUDE = ("lm_head", "embed_tokens", "lora_A", "lora_B")
+
+# "layers.N" (Llama, Qwen, Mistral), "h.N" (GPT-2, Falcon), "blocks.N" (many research codebases).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+_NAMES_SHOWN = 6
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and linear-like classes (vLLM's parallel linears) owning a 2-D weight."""
+    if isinstance(module, nn.Linear):
+        return True
+    # Only a weight registered on the module itself: PEFT wrappers expose the base weight
+    # through a property and would otherwise be selected twice.
+    weight = module._parameters.get("weight")
+    return "Linear" in type(module).__name__ and weight is not None and weight.dim() == 2
+
+
+def is_rmsnorm(module: nn.Module) -> bool:
+    """True for RMSNorm-like modules, matched by duck typing rather than one class.
+
+    A 1-D ``weight`` registered on the module, no bias, and either "RMSNorm" in the class name
+    or an epsilon attribute (``variance_epsilon`` as in transformers, ``eps`` as in torch and
+    vLLM). LayerNorm is refused even without bias: it centres its input, RMSNorm does not.
+    """
+    weight = module._parameters.get("weight")
+    if weight is None or weight.dim() != 1:
+        return False
+    if getattr(module, "bias", None) is not None:
+        return False
+    name = type(module).__name__.lower()
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
+        return False
+    if "layernorm" in name and "rms" not in name:
+        return False
+    return "rmsnorm" in name or hasattr(module, "variance_epsilon") or hasattr(module, "eps")
+
+
+LAYER_TYPES = {"linear": is_linear, "rmsnorm": is_rmsnorm}
+
+
+def decoder_layer_index(name: str) -> int | None:
+    """The decoder-layer index in a qualified name (``model.layers.14.mlp`` -> 14), else None."""
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
+
+
+def decoder_layer_indices(model: nn.Module) -> list[int]:
+    """Sorted decoder-layer indices present in the model's module names."""
+    indices = {decoder_layer_index(name) for name, _ in model.named_modules()}
+    indices.discard(None)
+    return sorted(indices)
+
+
+def format_layer_range(indices: Iterable[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``, for error messages; ``"none"`` when empty."""
+    indices = sorted(set(indices))
+    if not indices:
+        return "none"
+    runs, start, prev = [], indices[0], indices[0]
+    for i in indices[1:] + [None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(runs)
+
+
+def parse_layers(layers) -> tuple[int, ...]:
+    """Decoder-layer indices from an iterable of ints or a string such as ``"14-17"`` or ``"0-3,14"``."""
+    if isinstance(layers, str):
+        out: list[int] = []
+        for part in layers.replace(" ", "").split(","):
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not match:
+                raise ValueError(
+                    f"bad layer spec {layers!r}; expected indices and ranges such as '14-17' or '0-3,14'"
+                )
+            lo = int(match.group(1))
+            hi = int(match.group(2)) if match.group(2) is not None else lo
+            if hi < lo:
+                raise ValueError(f"bad layer range {part!r} in {layers!r}: the end is below the start")
+            out.extend(range(lo, hi + 1))
+        return tuple(out)
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = (layers,)
+    try:
+        items = list(layers)
+    except TypeError:
+        raise ValueError(
+            f"bad layers {layers!r}; expected an iterable of layer indices or a string like '14-17'"
+        ) from None
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise ValueError(f"bad layer index {item!r} in {layers!r}; expected non-negative integers")
+    return tuple(items)
+
+
+def matches_name(name: str, pattern: str, *, inside: bool = False) -> bool:
+    """True if the glob matches the whole name or a dotted suffix of it (``"mlp.*_proj"``).
+
+    With ``inside=True`` it also matches anything inside a matching module, which is what an
+    exclude means: excluding ``"lora_A"`` excludes ``...q_proj.lora_A.default``.
+    """
+    forms = [pattern, f"*.{pattern}"]
+    if inside:
+        forms += [f"{pattern}.*", f"*.{pattern}.*"]
+    return any(fnmatch.fnmatchcase(name, form) for form in forms)
+
+
+def _as_tuple(spec, what: str) -> tuple[str, ...]:
+    if isinstance(spec, str):
+        return (spec,)
+    try:
+        items = tuple(spec)
+    except TypeError:
+        raise ValueError(f"bad {what} {spec!r}; expected a string or a sequence of strings") from None
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"bad {what} entry {item!r}; expected a layer type or a name glob (a string)")
+    return items
+
+
+def _no_match(what: str, model: nn.Module) -> ValueError:
+    names = [name for name, _ in model.named_modules() if name]
+    step = max(1, len(names) // _NAMES_SHOWN)
+    shown = ", ".join(names[::step][:_NAMES_SHOWN])
+    return ValueError(
+        f"{what} matched no module; layer types: {', '.join(LAYER_TYPES)}; "
+        f"some module names in this model: {shown}"
+    )
+
+
+def select_modules(
+    model: nn.Module,
+    targets,
+    layers=None,
+    exclude=None,
+    *,
+    default_exclude: bool = True,
+) -> dict[str, nn.Module]:
+    """Select modules by type and name, keyed by qualified name in model order.
+
+    targets: "linear", "rmsnorm", a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
+    a glob may match the whole name or a dotted suffix), or a sequence of those (union).
+    layers: decoder-layer indices (ints or ``"14-17"``); modules outside decoder layers (the
+    final norm) are then left out. exclude: globs removed from the selection, together with
+    everything inside them; ``DEFAULT_EXCLUDE`` (lm_head, embed_tokens, LoRA A/B) is added unless
+    ``default_exclude=False``. A target that matches nothing, or an empty result, is a ValueError.
+    """
+    target_specs = _as_tuple(targets, "targets")
+    if not target_specs:
+        raise ValueError(f"targets is empty; give a layer type ({', '.join(LAYER_TYPES)}) or a name glob")
+    excludes = _as_tuple(exclude, "exclude") if exclude is not None else ()
+    if default_exclude:
+        excludes = DEFAULT_EXCLUDE + excludes
+
+    wanted_layers = None
+    if layers is not None:
+        wanted_layers = set(parse_layers(layers))
+        present = decoder_layer_indices(model)
+        missing = sorted(wanted_layers - set(present))
+        if missing:
+            raise ValueError(
+                f"layers {missing} are not decoder layer indices of this model; "
+                f"valid: {format_layer_range(present)}"
+            )
+
+    modules = list(model.named_modules())
+    selected: dict[str, nn.Module] = {}
+    for spec in target_specs:
+        if spec in LAYER_TYPES:
+            hits = [(n, m) for n, m in modules if n and LAYER_TYPES[spec](m)]
+        else:
+            hits = [(n, m) for n, m in modules if n and matches_name(n, spec)]
+        if not hits:
+            raise _no_match(f"target {spec!r}", model)
+        for name, module in hits:
+            selected.setdefault(name, module)
+
+    result = {}
+    for name, module in modules:  # model order, whatever the order of the specs
+        if name not in selected:
+            continue
+        if any(matches_name(name, pattern, inside=True) for pattern in excludes):
+            continue
+        if wanted_layers is not None and decoder_layer_index(name) not in wanted_layers:
+            continue
+        result[name] = module
+    if not result:
+        raise _no_match(
+            f"targets {list(target_specs)} with layers={layers!r} and exclude={list(excludes)}", model
+        )
+    return result
