@@ -15,7 +15,6 @@ Run: python benchmarks/formats.py [--size 4096] [--repeats 5] [--formats mxfp4,n
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 

@@ -135,7 +135,7 @@ def saturation_mask(x: torch.Tensor, o: Options) -> torch.Tensor:
     xb, layout = to_blocks(x32, o.block, o.axes)
     if fmt.family == "mx":
         _, s, _ = kernels.mx_blocks(xb, fmt.element, o.scale_mode, "toward_zero", None, o.flavor, want_codes=True)
-        limit = fmt.element.max_normal * kernels.pow2(s)
+        limit = fmt.element.max_normal * kernels.e8m0_pow2(s)
     elif fmt.family == "nvfp4":
         _, sb, ts, _ = kernels.nvfp4_blocks(xb, _finite_amax(x32), fmt.element, "toward_zero", None, o.flavor,
                                             want_codes=True)

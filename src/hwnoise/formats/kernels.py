@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .elements import F32_MAX, ElementFormat, ceil_log2, floor_log2, pow2, round_to_element_fast
+from .elements import F32_MAX, ElementFormat, ceil_log2, round_to_element_fast
 
 E8M0_BIAS = 127
 E8M0_MIN_EXP = -127
@@ -24,10 +24,23 @@ NVFP4_TENSOR_SCALE_NUMERATOR = E4M3_MAX * E2M1_MAX  # 2688: a block at the tenso
 SCALE_MODES = ("floor", "ceil", "even", "rceil")
 
 
+def _raw_exponent(a: torch.Tensor) -> torch.Tensor:
+    """The unbiased fp32 exponent field: floor(log2(a)) for normals, -127 for zero and subnormals.
+    Enough for floor/even scales: any amax below 2^-126 clamps to the smallest scale anyway."""
+    return ((a.view(torch.int32) >> 23) & 0xFF) - E8M0_BIAS
+
+
+def e8m0_pow2(s: torch.Tensor) -> torch.Tensor:
+    """2^s for s in [-127, 127] as fp32 (2^-127 is the one subnormal), from the bits."""
+    s = s.to(torch.int32)
+    normal = ((s + E8M0_BIAS).clamp(min=1) << 23).view(torch.float32)
+    return torch.where(s == E8M0_MIN_EXP, torch.full_like(normal, 2.0**-127), normal)
+
+
 def mx_scale_exponent(amax: torch.Tensor, elem: ElementFormat, scale_mode: str) -> torch.Tensor:
     """Shared E8M0 scale exponent of each block, clamped to [-127, 127], from the fp32 bits."""
     if scale_mode == "floor":
-        s = floor_log2(amax) - elem.emax
+        s = _raw_exponent(amax) - elem.emax
     elif scale_mode == "ceil":
         s = ceil_log2(amax) - elem.emax
     elif scale_mode == "even":
@@ -35,7 +48,7 @@ def mx_scale_exponent(amax: torch.Tensor, elem: ElementFormat, scale_mode: str) 
         mbits = elem.mbits if elem.kind == "float" else elem.mbits - 1
         bits = amax.view(torch.int32) + (1 << (23 - mbits - 1))
         rounded = (bits & 0x7F800000).view(torch.float32)
-        s = floor_log2(torch.where(amax < F32_MIN_NORMAL, amax, rounded)) - elem.emax
+        s = _raw_exponent(torch.where(amax < F32_MIN_NORMAL, amax, rounded)) - elem.emax
     elif scale_mode == "rceil":
         # cuBLAS / Transformer Engine: the fp32 quotient rounded up to a power of two (cvt.rp to ue8m0).
         s = ceil_log2(amax / elem.max_normal)
@@ -66,17 +79,17 @@ def mx_blocks(
     nonfinite = ~torch.isfinite(amax)
     if flavor == "torchao":
         if scale_mode == "rceil":
-            inv = torch.where(s == E8M0_MIN_EXP, torch.ones_like(amax), pow2(-s))
+            inv = torch.where(s == E8M0_MIN_EXP, torch.ones_like(amax), e8m0_pow2(-s))
             v = xb * inv
         else:
-            v = xb / torch.clamp(pow2(s), min=F32_MIN_NORMAL)
+            v = xb / torch.clamp(e8m0_pow2(s), min=F32_MIN_NORMAL)
         nonfinite = torch.isnan(amax)
     else:
-        v = xb * pow2(-s)  # exact: a power of two in the normal range
+        v = xb * e8m0_pow2(-s)  # exact: multiplying by a power of two
     q = round_to_element_fast(v, elem, rounding, uniform)
     if want_codes:
         return q, s, nonfinite
-    out = q * pow2(s)  # exact: few significant bits times a power of two
+    out = q * e8m0_pow2(s)  # exact: few significant bits times a power of two
     return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
 
 
