@@ -43,17 +43,3 @@ def test_formats_on_the_bundled_model_writes_json(tmp_path):
     assert 0 < mx4["deadzone_ratio"] < 0.5 and "Q4_1" in data["note"]
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
 
-
-def test_error_summary_agrees_with_the_single_metrics():
-    import torch
-
-    from hwnoise import metrics
-
-    x = torch.randn(300) * torch.logspace(-3, 2, 300)
-    x[::7] = 0
-    y = torch.round(x * 4) / 4
-    s = metrics.error_summary(x, y)
-    assert s["sqnr_db"] == pytest.approx(metrics.sqnr_db(x, y), rel=1e-6)
-    assert s["mse"] == pytest.approx(metrics.mse(x, y), rel=1e-6)
-    assert s["relative_error"] == pytest.approx(metrics.relative_error(x, y), rel=1e-6)
-    assert s["deadzone_ratio"] == metrics.deadzone_ratio(x, y)

@@ -1,4 +1,5 @@
-"""Which modules: layer types ("linear", "rmsnorm"), name globs, decoder-layer indices, excludes.
+"""Which modules: layer types ("linear", "rmsnorm"), blocks ("attention", "mlp", "experts"), name
+globs, decoder-layer indices, excludes.
 
 Every noise tool (``inject``, ``aqn``, ``scan``) picks its modules here, so that "rmsnorm" or
 "layers 14-17" means the same thing everywhere. Results are keyed by fully qualified module
@@ -14,12 +15,16 @@ from collections.abc import Iterable
 from torch import nn
 
 __all__ = [
+    "BLOCK_TYPES",
     "DEFAULT_EXCLUDE",
     "LAYER_TYPES",
     "decoder_layer_index",
     "decoder_layer_indices",
     "format_layer_range",
+    "is_attention",
+    "is_experts",
     "is_linear",
+    "is_mlp",
     "is_rmsnorm",
     "matches_name",
     "parse_layers",
@@ -65,6 +70,52 @@ def is_rmsnorm(module: nn.Module) -> bool:
 
 
 LAYER_TYPES = {"linear": is_linear, "rmsnorm": is_rmsnorm}
+
+# Children that give a block away when its class name does not (GPT-2 "c_attn", vLLM "qkv_proj").
+_ATTENTION_CHILDREN = ({"q_proj", "k_proj"}, {"qkv_proj"}, {"c_attn"}, {"Wqkv"}, {"query_key_value"})
+_MLP_CHILDREN = ({"gate_proj", "down_proj"}, {"up_proj", "down_proj"}, {"gate_up_proj", "down_proj"},
+                 {"fc1", "fc2"}, {"c_fc", "c_proj"}, {"w1", "w2"}, {"experts"})
+
+
+def _has_children(module: nn.Module, groups) -> bool:
+    names = set(module._modules)
+    return any(group <= names for group in groups)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """True for attention blocks: "Attention" in the class name, or q/k (or fused qkv) projections."""
+    if is_linear(module):
+        return False
+    return "attention" in type(module).__name__.lower() or _has_children(module, _ATTENTION_CHILDREN)
+
+
+def is_mlp(module: nn.Module) -> bool:
+    """True for feed-forward blocks, dense or mixture-of-experts (the sparse MoE block as a whole).
+
+    "MLP", "FeedForward" or "Moe"/"SparseMoe" in the class name, or the children of one
+    (gate/up/down projections, fc1/fc2, c_fc/c_proj, w1/w2, an ``experts`` container).
+    """
+    if is_linear(module) or is_experts(module):
+        return False
+    name = type(module).__name__.lower()
+    if any(word in name for word in ("mlp", "feedforward", "moe")):
+        return True
+    return _has_children(module, _MLP_CHILDREN)
+
+
+def is_experts(module: nn.Module) -> bool:
+    """True for fused MoE expert containers: "Experts" in the class name and stacked 3-D expert
+    weights (transformers 5 ``MixtralExperts``, ``Qwen2MoeExperts``), which no "linear" spec reaches.
+    Operator-level noise covers their GEMMs (they call ``F.linear`` per expert)."""
+    if "experts" not in type(module).__name__.lower():
+        return False
+    return any(p is not None and p.dim() == 3 for p in module._parameters.values())
+
+
+# Blocks are matched outermost first: a block inside a selected block of the same type is left out
+# (Qwen2-MoE's shared_expert MLP lies inside its sparse MoE block), so output noise lands once.
+BLOCK_TYPES = {"attention": is_attention, "mlp": is_mlp, "experts": is_experts}
+_ALL_TYPES = {**LAYER_TYPES, **BLOCK_TYPES}
 
 
 def decoder_layer_index(name: str) -> int | None:
@@ -156,7 +207,7 @@ def _no_match(what: str, model: nn.Module) -> ValueError:
     step = max(1, len(names) // _NAMES_SHOWN)
     shown = ", ".join(names[::step][:_NAMES_SHOWN])
     return ValueError(
-        f"{what} matched no module; layer types: {', '.join(LAYER_TYPES)}; "
+        f"{what} matched no module; layer types: {', '.join(_ALL_TYPES)}; "
         f"some module names in this model: {shown}"
     )
 
@@ -171,7 +222,8 @@ def select_modules(
 ) -> dict[str, nn.Module]:
     """Select modules by type and name, keyed by qualified name in model order.
 
-    targets: "linear", "rmsnorm", a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
+    targets: "linear", "rmsnorm", "attention", "mlp" (dense or MoE block), "experts" (fused MoE
+    expert weights), a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
     a glob may match the whole name or a dotted suffix), or a sequence of those (union).
     layers: decoder-layer indices (ints or ``"14-17"``); modules outside decoder layers (the
     final norm) are then left out. exclude: globs removed from the selection, together with
@@ -180,7 +232,7 @@ def select_modules(
     """
     target_specs = _as_tuple(targets, "targets")
     if not target_specs:
-        raise ValueError(f"targets is empty; give a layer type ({', '.join(LAYER_TYPES)}) or a name glob")
+        raise ValueError(f"targets is empty; give a layer type ({', '.join(_ALL_TYPES)}) or a name glob")
     excludes = _as_tuple(exclude, "exclude") if exclude is not None else ()
     if default_exclude:
         excludes = DEFAULT_EXCLUDE + excludes
@@ -201,6 +253,11 @@ def select_modules(
     for spec in target_specs:
         if spec in LAYER_TYPES:
             hits = [(n, m) for n, m in modules if n and LAYER_TYPES[spec](m)]
+        elif spec in BLOCK_TYPES:
+            hits = []
+            for n, m in modules:
+                if n and BLOCK_TYPES[spec](m) and not any(n.startswith(h + ".") for h, _ in hits):
+                    hits.append((n, m))
         else:
             hits = [(n, m) for n, m in modules if n and matches_name(n, spec)]
         if not hits:

@@ -25,6 +25,8 @@ def normalize_block(block) -> tuple[int, ...]:
         raise TypeError(f"block must be a positive int or a pair of positive ints, got {block!r}")
     if isinstance(block, int):
         block = (block,)
+    if isinstance(block, (str, bytes)):
+        raise TypeError(f"block must be a positive int or a pair of positive ints, got {block!r}")
     try:
         block = tuple(block)
     except TypeError:
@@ -39,7 +41,12 @@ def normalize_block(block) -> tuple[int, ...]:
 def normalize_axes(axis, ndim: int, nblock_dims: int) -> tuple[int, ...]:
     if axis is None:
         axis = -1 if nblock_dims == 1 else (-2, -1)
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if isinstance(axis, int):
+        axes = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"axis must be an int (or a pair of ints for 2-D tiles), got {axis!r}")
     if len(axes) != nblock_dims:
         raise ValueError(f"axis {axis!r} does not fit a {nblock_dims}-D block; give {nblock_dims} axes")
     if nblock_dims > ndim:

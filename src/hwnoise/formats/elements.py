@@ -164,10 +164,12 @@ def round_to_element(
     r = a * pow2(-half) * pow2(half - quantum_exp)
     rounded = _round_integer(r, rounding, uniform)
     out = rounded * pow2(half) * pow2(quantum_exp - half)
-    if elem.saturate:
+    if elem.saturate or rounding == "toward_zero":  # IEEE round-toward-zero never overflows
         out = torch.clamp(out, max=elem.max_normal)  # clamp keeps NaN
     else:
         out = torch.where(out > elem.max_normal, torch.full_like(out, float("inf")), out)
+    if elem.kind == "int":  # two's complement has no negative zero
+        return torch.where(out == 0, out, torch.copysign(out, v))
     return torch.copysign(out, v)
 
 

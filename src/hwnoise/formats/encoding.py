@@ -146,7 +146,7 @@ def decode(enc: Encoded) -> torch.Tensor:
         target = torch.bfloat16 if f.element.name == "bf16" else torch.float16
         return enc.codes.view(target).to(enc.dtype)
     if f.family == "per_tensor":
-        return (_lookup(enc.codes, f.element) / enc.tensor_scale).to(enc.dtype)
+        return kernels.per_tensor_decode(_lookup(enc.codes, f.element), enc.tensor_scale).to(enc.dtype)
     if f.family == "hif4":
         from .hif4 import decode_groups
 

@@ -115,7 +115,10 @@ def nvfp4_blocks(
     amax = xb.abs().amax(dim=-1, keepdim=True)
     usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
     if flavor == "nvidia":
-        s_enc = torch.where(usable, NVFP4_TENSOR_SCALE_NUMERATOR / tensor_amax, torch.ones_like(tensor_amax))
+        # A tensor-by-tensor division rounds once; `float / tensor` is float * reciprocal(tensor) in
+        # PyTorch and rounds twice (1 ulp off Transformer Engine's S_enc).
+        numerator = torch.full_like(tensor_amax, NVFP4_TENSOR_SCALE_NUMERATOR)
+        s_enc = torch.where(usable, numerator / tensor_amax, torch.ones_like(tensor_amax))
         s_enc = torch.clamp(s_enc, max=F32_MAX)
         s_dec = 1.0 / s_enc
         # TE folds 1/6 into the tensor scale first; multiplying in this order changes the bits.
@@ -142,15 +145,13 @@ def nvfp4_blocks(
     q = round_to_element_fast(v, elem, rounding, uniform)
     if want_codes:
         return q, block_scale, tensor_scale, nonfinite
-    if flavor == "nvidia":
-        out = (q * block_scale) * tensor_scale
-    else:
-        out = q * (tensor_scale * block_scale)
-    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+    return nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor)
 
 
 def nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor):
     out = (q * block_scale) * tensor_scale if flavor == "nvidia" else q * (tensor_scale * block_scale)
+    # A tensor amax near fp32's max can round the product just past it: the value is finite.
+    out = torch.clamp(out, -F32_MAX, F32_MAX)
     return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
 
 
@@ -161,9 +162,15 @@ def per_tensor_blocks(
     """Per-tensor scaled FP8 (torchao.float8 convention): scale = max_elem / amax, x_q = q / scale.
     Non-finite inputs become NaN."""
     usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
-    scale = torch.where(usable, elem.max_normal / tensor_amax, torch.ones_like(tensor_amax))
+    # Tensor division (one rounding, as torchao.float8); capped so a tiny amax cannot make it inf.
+    scale = torch.full_like(tensor_amax, elem.max_normal) / tensor_amax
+    scale = torch.where(usable, torch.clamp(scale, max=F32_MAX), torch.ones_like(tensor_amax))
     q = round_to_element_fast(x * scale, elem, rounding, uniform)
     q = torch.where(torch.isfinite(x), q, torch.full_like(q, float("nan")))
     if want_codes:
         return q, scale
-    return q / scale
+    return per_tensor_decode(q, scale)
+
+
+def per_tensor_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(q / scale, -F32_MAX, F32_MAX)  # clamp keeps NaN

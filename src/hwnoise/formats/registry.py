@@ -140,7 +140,11 @@ def parse_options(text: str, fmt: FormatSpec) -> dict:
         if "=" in part:
             key, value = (s.strip() for s in part.split("=", 1))
             if key == "block":
-                dims = [int(v) for v in value.lower().split("x")]
+                try:
+                    dims = [int(v) for v in value.lower().split("x")]
+                except ValueError:
+                    raise ValueError(f"bad block {value!r} in {text!r}; accepted: an int such as 32 or a tile "
+                                     f"such as 32x32") from None
                 out["block"] = dims[0] if len(dims) == 1 else tuple(dims)
             elif key in ("scale_mode", "rounding", "flavor"):
                 out[key] = value
