@@ -6,6 +6,3 @@ from .aqn import AQN
 
 __version__ = "0.1.0"
 __all__ = ["formats", "metrics", "quantize", "__version__", "AQN"]
-from . import errors
-from .inject import inject, noisy_ops, phase
-__all__ += ["errors", "inject", "noisy_ops", "phase"]
