@@ -97,7 +97,8 @@ def test_out_parameter_writes_in_place():
 
 @pytest.mark.parametrize("fmt,opts", [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("nvfp4", {}),
                                       ("mxfp4", {"rounding": "stochastic", "seed": 5}), ("mxfp8", {}),
-                                      ("mxfp4_2d", {})])
+                                      ("mxfp4_2d", {}), ("bf16", {}), ("fp16", {}), ("nvfp4", {"flavor": "torchao"}),
+                                      ("fp8_e4m3", {}), ("hif4", {})])
 def test_compiled_path_equals_eager_bit_for_bit(fmt, opts, monkeypatch):
     n = quantize_module.COMPILE_MIN_NUMEL
     # The second (ragged) shape makes torch.compile recompile with symbolic sizes: check it too.

@@ -101,12 +101,9 @@ def fake_quantize(x: torch.Tensor, o: Options, uniform: torch.Tensor | None) -> 
     fmt = o.fmt
     x32 = x.to(torch.float32)
     if fmt.family == "cast":
-        if o.rounding == "rne":
-            target = torch.bfloat16 if fmt.element.name == "bf16" else torch.float16
-            y = x32.to(target).to(torch.float32)
-        else:
-            y = round_to_element(x32, fmt.element, o.rounding, uniform)
-        return y.to(x.dtype)
+        # Grid rounding from the bits, not x.to(bf16).to(fp32): inductor folds that round trip
+        # into a no-op unless it emulates precision casts. Equal to the IEEE cast for rne.
+        return round_to_element(x32, fmt.element, o.rounding, uniform).to(x.dtype)
     if fmt.family == "per_tensor":
         return kernels.per_tensor_blocks(x32, _finite_amax(x32), fmt.element, o.rounding, uniform).to(x.dtype)
     xb, layout = to_blocks(x32, o.block, o.axes)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .elements import F32_MAX, ElementFormat, ceil_log2, round_to_element_fast
+# Casts are written as grid rounding from the bits, never as x.to(low).to(fp32): inductor may fold
+# such a round trip into a no-op, and the compiled path must equal the eager one bit for bit.
+from .elements import ELEMENTS, F32_MAX, ElementFormat, ceil_log2, round_to_element, round_to_element_fast
 
 E8M0_BIAS = 127
 E8M0_MIN_EXP = -127
@@ -124,7 +126,7 @@ def nvfp4_blocks(
         # TE folds 1/6 into the tensor scale first; multiplying in this order changes the bits.
         multiplier = s_enc * torch.reciprocal(torch.tensor(E2M1_MAX, dtype=torch.float32, device=xb.device))
         block_scale = torch.clamp(torch.clamp(amax * multiplier, max=F32_MAX), max=E4M3_MAX)
-        block_scale = block_scale.to(torch.float8_e4m3fn).to(torch.float32)
+        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")  # e4m3 RNE, subnormals kept
         encode = torch.clamp(1.0 / (block_scale * s_dec), max=F32_MAX)
         v = torch.clamp(xb * encode, -E2M1_MAX, E2M1_MAX)
         nonfinite = ~torch.isfinite(amax)
@@ -133,7 +135,7 @@ def nvfp4_blocks(
         t = torch.where(usable, tensor_amax / NVFP4_TENSOR_SCALE_NUMERATOR, torch.ones_like(tensor_amax))
         # torchao divides by 6 first, then by the tensor scale; the order changes the bits.
         block_scale = torch.clamp((amax / E2M1_MAX) / t, min=E4M3_MIN_NORMAL, max=E4M3_MAX)
-        block_scale = block_scale.to(torch.float8_e4m3fn).to(torch.float32)
+        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")
         v = torch.clamp(xb * ((1.0 / t) / block_scale), -E2M1_MAX, E2M1_MAX)
         # A subnormal tensor scale makes 1/t inf and 0 * inf NaN, which torchao turns into garbage
         # codes; zero stays zero here.
