@@ -202,3 +202,36 @@ def test_bundled_model_counts(bundled):
     assert len(linears) == 210 and "lm_head" not in linears  # 211 minus lm_head
     assert decoder_layer_indices(bundled) == list(range(30))
     assert len(select_modules(bundled, "rmsnorm", layers="14-17")) == 8
+
+
+# --- blocks: attention, mlp, experts (dense and MoE) ------------------------------------------------
+
+
+def test_attention_and_mlp_blocks_dense():
+    model = _tiny_llama(3)
+    assert list(select_modules(model, "attention")) == [f"model.layers.{i}.self_attn" for i in range(3)]
+    assert list(select_modules(model, "mlp", layers="1-2")) == [f"model.layers.{i}.mlp" for i in (1, 2)]
+
+
+def test_moe_blocks_outermost_and_experts():
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from hwnoise.select import is_attention, is_experts, is_mlp
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    mixtral = MixtralForCausalLM(MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2))
+    qwen = Qwen2MoeForCausalLM(Qwen2MoeConfig(**small, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                              num_experts=4, num_experts_per_tok=2))
+    for model in (mixtral, qwen):
+        # The sparse MoE block as a whole; Qwen2-MoE's shared_expert MLP inside it is not selected twice.
+        assert list(select_modules(model, "mlp")) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+        assert list(select_modules(model, "experts")) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert list(select_modules(model, "attention")) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in select_modules(qwen, "linear")
+    assert not is_mlp(nn.Linear(2, 2)) and not is_attention(nn.Linear(2, 2)) and not is_experts(nn.Linear(2, 2))
+
+
+def test_block_types_named_in_no_match_errors():
+    with pytest.raises(ValueError, match=r"layer types: linear, rmsnorm, attention, mlp, experts"):
+        select_modules(_tiny_llama(1), "experts")  # a dense model has no fused experts

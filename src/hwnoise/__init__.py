@@ -1,8 +1,9 @@
 """hwnoise: emulate number formats and hardware noise, find the layers they hurt, train them robust."""
 
-from . import formats, metrics
-from .formats import quantize
+from . import errors, formats, metrics
 from .aqn import AQN
+from .formats import quantize
+from .inject import inject, noisy_ops, phase
 
 __version__ = "0.1.0"
-__all__ = ["formats", "metrics", "quantize", "__version__", "AQN"]
+__all__ = ["AQN", "errors", "formats", "inject", "metrics", "noisy_ops", "phase", "quantize", "__version__"]

@@ -77,6 +77,9 @@ _MLP_CHILDREN = ({"gate_proj", "down_proj"}, {"up_proj", "down_proj"}, {"gate_up
                  {"fc1", "fc2"}, {"c_fc", "c_proj"}, {"w1", "w2"}, {"experts"})
 
 
+_MLP_CLASS = re.compile(r"mlp|feedforward|sparsemoe|moeblock|moelayer|moe$")
+
+
 def _has_children(module: nn.Module, groups) -> bool:
     names = set(module._modules)
     return any(group <= names for group in groups)
@@ -92,13 +95,14 @@ def is_attention(module: nn.Module) -> bool:
 def is_mlp(module: nn.Module) -> bool:
     """True for feed-forward blocks, dense or mixture-of-experts (the sparse MoE block as a whole).
 
-    "MLP", "FeedForward" or "Moe"/"SparseMoe" in the class name, or the children of one
+    "MLP", "FeedForward", "SparseMoe", "MoeBlock"/"MoeLayer" or a trailing "MoE" in the class name
+    (not "Qwen2MoeModel"), or the children of one
     (gate/up/down projections, fc1/fc2, c_fc/c_proj, w1/w2, an ``experts`` container).
     """
     if is_linear(module) or is_experts(module):
         return False
     name = type(module).__name__.lower()
-    if any(word in name for word in ("mlp", "feedforward", "moe")):
+    if _MLP_CLASS.search(name):
         return True
     return _has_children(module, _MLP_CHILDREN)
 
