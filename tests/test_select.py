@@ -235,3 +235,17 @@ def test_moe_blocks_outermost_and_experts():
 def test_block_types_named_in_no_match_errors():
     with pytest.raises(ValueError, match=r"layer types: linear, rmsnorm, attention, mlp, experts"):
         select_modules(_tiny_llama(1), "experts")  # a dense model has no fused experts
+
+
+def test_layer_range_spec_in_targets():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=20,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    picked = select_modules(model, "layers.14-17")
+    assert {decoder_layer_index(n) for n in picked} == {14, 15, 16, 17}
+    assert all(isinstance(m, torch.nn.Linear) for m in picked.values()) and len(picked) == 4 * 7
+    norms = select_modules(model, ("rmsnorm", "layers.3"))
+    assert set(norms) == {"model.layers.3.input_layernorm", "model.layers.3.post_attention_layernorm"}
+    with pytest.raises(ValueError, match="valid: 0-19"):
+        select_modules(model, "layers.25")

@@ -216,6 +216,9 @@ def _no_match(what: str, model: nn.Module) -> ValueError:
     )
 
 
+_LAYER_RANGE_SPEC = re.compile(r"^layers\.(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
+
+
 def select_modules(
     model: nn.Module,
     targets,
@@ -227,7 +230,8 @@ def select_modules(
     """Select modules by type and name, keyed by qualified name in model order.
 
     targets: "linear", "rmsnorm", "attention", "mlp" (dense or MoE block), "experts" (fused MoE
-    expert weights), a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
+    expert weights), "layers.14-17" (a decoder-layer range: restricts the other specs, or selects
+    the linear layers there when it stands alone), a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
     a glob may match the whole name or a dotted suffix), or a sequence of those (union).
     layers: decoder-layer indices (ints or ``"14-17"``); modules outside decoder layers (the
     final norm) are then left out. exclude: globs removed from the selection, together with
@@ -237,6 +241,12 @@ def select_modules(
     target_specs = _as_tuple(targets, "targets")
     if not target_specs:
         raise ValueError(f"targets is empty; give a layer type ({', '.join(_ALL_TYPES)}) or a name glob")
+    # "layers.14-17" restricts to decoder layers (of the other specs' types; linear if none given).
+    range_specs = [m.group(1) for m in map(_LAYER_RANGE_SPEC.match, target_specs) if m]
+    if range_specs:
+        target_specs = tuple(t for t in target_specs if not _LAYER_RANGE_SPEC.match(t)) or ("linear",)
+        from_specs = [i for r in range_specs for i in parse_layers(r)]
+        layers = from_specs if layers is None else sorted(set(parse_layers(layers)) & set(from_specs))
     excludes = _as_tuple(exclude, "exclude") if exclude is not None else ()
     if default_exclude:
         excludes = DEFAULT_EXCLUDE + excludes
