@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/hwnoise formats --out $(DEMO_OUT)/formats
+	$(BIN)/hwnoise scan --out $(DEMO_OUT)/scan
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

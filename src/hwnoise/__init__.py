@@ -4,6 +4,10 @@ from . import errors, formats, metrics
 from .aqn import AQN
 from .formats import quantize
 from .inject import inject, noisy_ops, phase
+from .scan import ScanReport, scan, scan_faults
 
 __version__ = "0.1.0"
-__all__ = ["AQN", "errors", "formats", "inject", "metrics", "noisy_ops", "phase", "quantize", "__version__"]
+__all__ = [
+    "AQN", "ScanReport", "errors", "formats", "inject", "metrics", "noisy_ops", "phase", "quantize",
+    "scan", "scan_faults", "__version__",
+]
