@@ -8,6 +8,7 @@ HWNOISE_COMPILE=0 to stay eager.
 from __future__ import annotations
 
 import os
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from .registry import FLAVORS, FormatSpec, get
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STE_MODES = ("identity", "clipped")
 COMPILE_MIN_NUMEL = 1 << 16  # below this, eager is as fast as a compiled call
-RECOMPILE_LIMIT = 512  # option sets x shapes a session may compile
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,14 @@ def _into(out: torch.Tensor, t: torch.Tensor, o: Options, u) -> torch.Tensor:
     return out.copy_(fake_quantize(t, o, u))
 
 
+def _own_code(fn, tag: int):
+    """A copy of `fn` with a code object of its own. Dynamo keys its cache, its recompile limit
+    and its shape tracking by code object: sharing one across option sets made every call walk
+    the guards of all the others (5x slower with five formats in use) and hit the limit at 8."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 _BODIES = {
     "quantize": lambda o: (lambda t, u: fake_quantize(t, o, u)),
     "quantize_into": lambda o: (lambda t, u, dst: _into(dst, t, o, u)),
@@ -172,12 +180,10 @@ def _call(kind: str, o: Options, x: torch.Tensor, *args):
         fn = _compiled.get((o, kind))
         if fn is None:
             # dynamic=None: a second shape recompiles once with symbolic sizes, not once per shape.
-            fn = _compiled[(o, kind)] = torch.compile(eager, dynamic=None, fullgraph=True)
+            fn = _compiled[(o, kind)] = torch.compile(_own_code(eager, len(_compiled)), dynamic=None,
+                                                      fullgraph=True)
         try:
-            # Every option set compiles the same lambda code, and dynamo caps recompiles per code
-            # object; raise the cap for our calls only (nothing global stays changed).
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return fn(x, *args)
+            return fn(x, *args)
         except Exception as exc:  # a broken toolchain must not break quantization: stay eager
             _compile_broken = True
             warnings.warn(f"hwnoise: torch.compile failed ({type(exc).__name__}: {exc}); using the eager path",
