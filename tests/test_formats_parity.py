@@ -10,7 +10,7 @@ import torch
 
 import hwnoise as hn
 
-mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+import torchao.prototype.mx_formats.mx_tensor as mx  # noqa: E402  (a dev dependency: never skipped)
 from torchao.prototype.mx_formats.config import ScaleCalculationMode  # noqa: E402
 from torchao.prototype.mx_formats.constants import DTYPE_FP6_E2M3, DTYPE_FP6_E3M2  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale  # noqa: E402
