@@ -169,6 +169,20 @@ _BODIES = {
     "quantize": lambda o: (lambda t, u: fake_quantize(t, o, u)),
     "quantize_into": lambda o: (lambda t, u, dst: _into(dst, t, o, u)),
     "saturation": lambda o: (lambda t: saturation_mask(t, o)),
+    # MX in two compiled stages: fused into one, inductor recomputes the block scale for every
+    # element; materializing the [N, 1] scales first is ~30 % faster, bit for bit the same.
+    "mx_scales": lambda o: (lambda xb: kernels.mx_block_scales(xb, o.fmt.element, o.scale_mode, o.flavor)),
+    "mx_apply": lambda o: (lambda xb, inv, s, nf, ub: kernels.mx_apply_scales(
+        xb, inv, s, nf, o.fmt.element, o.rounding, ub)),
+    "mx_apply_into": lambda o: (lambda xb, inv, s, nf, ub, dst: dst.copy_(kernels.mx_apply_scales(
+        xb, inv, s, nf, o.fmt.element, o.rounding, ub))),
+    # NVFP4 likewise: block amaxes (one read), then [N, 1] scales, then one pass that applies them.
+    "block_amaxes": lambda o: kernels.block_amaxes,
+    "nvfp4_scales": lambda o: (lambda amax, tensor_amax: kernels.nvfp4_block_scales(amax, tensor_amax, o.flavor)),
+    "nvfp4_apply": lambda o: (lambda xb, enc, bs, ts, nf, ub: kernels.nvfp4_apply_scales(
+        xb, enc, bs, ts, nf, o.fmt.element, o.rounding, ub, o.flavor)),
+    "nvfp4_apply_into": lambda o: (lambda xb, enc, bs, ts, nf, ub, dst: dst.copy_(kernels.nvfp4_apply_scales(
+        xb, enc, bs, ts, nf, o.fmt.element, o.rounding, ub, o.flavor))),
 }
 
 
@@ -176,7 +190,7 @@ def _call(kind: str, o: Options, x: torch.Tensor, *args):
     """Run `kind` for option set `o`: compiled for large tensors, eager otherwise."""
     global _compile_broken
     eager = _BODIES[kind](o)
-    if x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
+    if _use_compiled(x):
         fn = _compiled.get((o, kind))
         if fn is None:
             # dynamic=None: a second shape recompiles once with symbolic sizes, not once per shape.
@@ -191,8 +205,36 @@ def _call(kind: str, o: Options, x: torch.Tensor, *args):
     return eager(x, *args)
 
 
+def _use_compiled(x: torch.Tensor) -> bool:
+    return x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling()
+
+
 def _run(x: torch.Tensor, o: Options, uniform, out: torch.Tensor | None = None) -> torch.Tensor:
+    if o.fmt.family in ("mx", "nvfp4") and _use_compiled(x):
+        return _run_staged(x, o, uniform, out)
     return _call("quantize", o, x, uniform) if out is None else _call("quantize_into", o, x, uniform, out)
+
+
+def _run_staged(x, o: Options, uniform, out):
+    """MX and NVFP4 as separately compiled stages: block scales first ([N, 1] tensors, one read
+    of x), then one pass that applies them."""
+    xb, layout = to_blocks(x.to(torch.float32), o.block, o.axes)
+    ub = to_blocks(uniform, o.block, o.axes)[0] if uniform is not None else None
+    if o.fmt.family == "mx":
+        scales = _call("mx_scales", o, xb)
+        apply = "mx_apply"
+    else:
+        amax, finite_amax = _call("block_amaxes", o, xb)
+        scales = _call("nvfp4_scales", o, amax, finite_amax.amax())
+        apply = "nvfp4_apply"
+    # Write straight into `out` when it is the blocks' own memory (fp32, contiguous, last axis, no padding).
+    direct = (out is not None and out.dtype == torch.float32 and out.is_contiguous() and len(o.axes) == 1
+              and o.axes[0] == x.ndim - 1 and x.shape[-1] % o.block[0] == 0)
+    if direct:
+        _call(apply + "_into", o, xb, *scales, ub, out.view(xb.shape))
+        return out
+    y = from_blocks(_call(apply, o, xb, *scales, ub), layout).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def saturated(x: torch.Tensor, o: Options) -> torch.Tensor:

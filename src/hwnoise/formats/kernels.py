@@ -59,6 +59,34 @@ def mx_scale_exponent(amax: torch.Tensor, elem: ElementFormat, scale_mode: str) 
     return s.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 
+def mx_block_scales(xb: torch.Tensor, elem: ElementFormat, scale_mode: str, flavor: str = "ocp"):
+    """Per block: (multiplier that scales the block onto the element grid, E8M0 exponent s,
+    nonfinite mask), each [N, 1].
+
+    flavor "ocp": the OCP MX v1.0 semantics (a block holding NaN or Inf is NaN; the scale 2^-127 is
+    used as is). flavor "torchao": torchao 0.18's emulation, which divides by max(2^s, 2^-126) in
+    floor/ceil/even, multiplies by 1.0 instead of 2^127 when rceil gives s = -127, and lets Inf
+    saturate instead of poisoning the block. Every multiplier is a power of two, so multiplying by
+    it equals torchao's division bit for bit.
+    """
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    s = mx_scale_exponent(amax, elem, scale_mode)
+    if flavor == "torchao":
+        if scale_mode == "rceil":
+            inv = torch.where(s == E8M0_MIN_EXP, torch.ones_like(amax), e8m0_pow2(-s))
+        else:
+            inv = e8m0_pow2(-s.clamp(min=E8M0_MIN_EXP + 1))  # 1 / max(2^s, 2^-126)
+        return inv, s, torch.isnan(amax)
+    return e8m0_pow2(-s), s, ~torch.isfinite(amax)
+
+
+def mx_apply_scales(xb, inv, s, nonfinite, elem: ElementFormat, rounding: str, uniform):
+    """Round the scaled blocks onto the element grid and scale back (dequantized blocks)."""
+    q = round_to_element_fast(xb * inv, elem, rounding, uniform)
+    out = q * e8m0_pow2(s)  # exact: few significant bits times a power of two
+    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+
+
 def mx_blocks(
     xb: torch.Tensor,
     elem: ElementFormat,
@@ -68,31 +96,67 @@ def mx_blocks(
     flavor: str = "ocp",
     want_codes: bool = False,
 ):
-    """MX fake-quant of blocks. Returns dequantized blocks, or (element values, E8M0 exponents,
-    nonfinite-block mask) with `want_codes`.
+    """MX fake-quant of blocks [N, B] (see `mx_block_scales` for the flavors). Returns dequantized
+    blocks, or (element values, E8M0 exponents, nonfinite-block mask) with `want_codes`."""
+    inv, s, nonfinite = mx_block_scales(xb, elem, scale_mode, flavor)
+    if want_codes:
+        return round_to_element_fast(xb * inv, elem, rounding, uniform), s, nonfinite
+    return mx_apply_scales(xb, inv, s, nonfinite, elem, rounding, uniform)
 
-    flavor "ocp": the OCP MX v1.0 semantics (a block holding NaN or Inf is NaN; the scale 2^-127 is
-    used as is). flavor "torchao": torchao 0.18's emulation, which divides by max(2^s, 2^-126) in
-    floor/ceil/even, multiplies by 1.0 instead of 2^127 when rceil gives s = -127, and lets Inf
-    saturate instead of poisoning the block.
+
+def block_amaxes(xb: torch.Tensor):
+    """Per block [N, 1]: amax (NaN if the block holds NaN) and the amax of its finite values. The
+    max of the latter over blocks is the tensor's finite amax."""
+    a = xb.abs()
+    finite = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return a.amax(dim=-1, keepdim=True), finite.amax(dim=-1, keepdim=True)
+
+
+def nvfp4_block_scales(amax: torch.Tensor, tensor_amax: torch.Tensor, flavor: str = "nvidia"):
+    """From block amaxes [N, 1] and the tensor's finite amax (0-d): (encode multiplier, E4M3 block
+    scale, fp32 tensor scale, nonfinite mask).
+
+    flavor "nvidia" mirrors Transformer Engine's reference quantizer (custom_recipes, 1x16 and 16x16
+    tiles): S_enc = 2688 / amax_tensor, s_b = e4m3(amax_b * (S_enc * (1/6))), encode with
+    1 / (s_b * (1 / S_enc)), decode as (q * s_b) * (1 / S_enc). Block scales may be subnormal or 0.
+    flavor "torchao" mirrors torchao 0.18's two-level `nvfp4_quantize`: tensor scale
+    t = amax_tensor / 2688, s_b = e4m3(clamp(amax_b / 6 / t, 2^-6, 448)), encode with (1/t) / s_b,
+    decode as q * (t * s_b).
     """
-    amax = xb.abs().amax(dim=-1, keepdim=True)
-    s = mx_scale_exponent(amax, elem, scale_mode)
-    nonfinite = ~torch.isfinite(amax)
+    usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
+    if flavor == "nvidia":
+        # A tensor-by-tensor division rounds once; `float / tensor` is float * reciprocal(tensor) in
+        # PyTorch and rounds twice (1 ulp off Transformer Engine's S_enc).
+        numerator = torch.full_like(tensor_amax, NVFP4_TENSOR_SCALE_NUMERATOR)
+        s_enc = torch.where(usable, numerator / tensor_amax, torch.ones_like(tensor_amax))
+        s_enc = torch.clamp(s_enc, max=F32_MAX)
+        s_dec = 1.0 / s_enc
+        # TE folds 1/6 into the tensor scale first; multiplying in this order changes the bits.
+        multiplier = s_enc * torch.reciprocal(torch.full_like(s_enc, E2M1_MAX))
+        block_scale = torch.clamp(torch.clamp(amax * multiplier, max=F32_MAX), max=E4M3_MAX)
+        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")  # e4m3 RNE, subnormals kept
+        encode = torch.clamp(1.0 / (block_scale * s_dec), max=F32_MAX)
+        return encode, block_scale, s_dec, ~torch.isfinite(amax)
     if flavor == "torchao":
-        if scale_mode == "rceil":
-            inv = torch.where(s == E8M0_MIN_EXP, torch.ones_like(amax), e8m0_pow2(-s))
-            v = xb * inv
-        else:
-            v = xb / torch.clamp(e8m0_pow2(s), min=F32_MIN_NORMAL)
-        nonfinite = torch.isnan(amax)
-    else:
-        v = xb * e8m0_pow2(-s)  # exact: multiplying by a power of two
+        t = torch.where(usable, tensor_amax / NVFP4_TENSOR_SCALE_NUMERATOR, torch.ones_like(tensor_amax))
+        # torchao divides by 6 first, then by the tensor scale; the order changes the bits.
+        block_scale = torch.clamp((amax / E2M1_MAX) / t, min=E4M3_MIN_NORMAL, max=E4M3_MAX)
+        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")
+        return (1.0 / t) / block_scale, block_scale, t, torch.isnan(amax)
+    raise ValueError(f"unknown nvfp4 flavor {flavor!r}; known: nvidia, torchao")
+
+
+def nvfp4_apply_scales(xb, encode, block_scale, tensor_scale, nonfinite, elem: ElementFormat, rounding: str,
+                       uniform, flavor: str = "nvidia", want_codes: bool = False):
+    v = torch.clamp(xb * encode, -E2M1_MAX, E2M1_MAX)
+    if flavor == "torchao":
+        # A subnormal tensor scale makes 1/t inf and 0 * inf NaN, which torchao turns into garbage
+        # codes; zero stays zero here.
+        v = torch.where(xb == 0, torch.zeros_like(v), v)
     q = round_to_element_fast(v, elem, rounding, uniform)
     if want_codes:
-        return q, s, nonfinite
-    out = q * e8m0_pow2(s)  # exact: few significant bits times a power of two
-    return torch.where(nonfinite, torch.full_like(out, float("nan")), out)
+        return q
+    return nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor)
 
 
 def nvfp4_blocks(
@@ -104,50 +168,15 @@ def nvfp4_blocks(
     flavor: str = "nvidia",
     want_codes: bool = False,
 ):
-    """NVFP4: E2M1 elements, E4M3 block scales and an fp32 tensor scale.
-
-    flavor "nvidia" mirrors Transformer Engine's reference quantizer (custom_recipes, 1x16 and 16x16
-    tiles): S_enc = 2688 / amax_tensor, s_b = e4m3(amax_b * (S_enc * (1/6))), encode with
-    1 / (s_b * (1 / S_enc)), decode as (q * s_b) * (1 / S_enc). Block scales may be subnormal or 0.
-    flavor "torchao" mirrors torchao 0.18's two-level `nvfp4_quantize`: tensor scale
-    t = amax_tensor / 2688, s_b = e4m3(clamp(amax_b / t, 2^-6, 448)), encode with (1/t) / s_b,
-    decode as q * (t * s_b).
-    `tensor_amax` is the amax over the finite values of the whole tensor (0-d fp32).
-    """
+    """NVFP4 fake-quant of blocks [N, 16] (see `nvfp4_block_scales` for the flavors).
+    `tensor_amax` is the amax over the finite values of the whole tensor (0-d fp32)."""
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    usable = (tensor_amax > 0) & torch.isfinite(tensor_amax)
-    if flavor == "nvidia":
-        # A tensor-by-tensor division rounds once; `float / tensor` is float * reciprocal(tensor) in
-        # PyTorch and rounds twice (1 ulp off Transformer Engine's S_enc).
-        numerator = torch.full_like(tensor_amax, NVFP4_TENSOR_SCALE_NUMERATOR)
-        s_enc = torch.where(usable, numerator / tensor_amax, torch.ones_like(tensor_amax))
-        s_enc = torch.clamp(s_enc, max=F32_MAX)
-        s_dec = 1.0 / s_enc
-        # TE folds 1/6 into the tensor scale first; multiplying in this order changes the bits.
-        multiplier = s_enc * torch.reciprocal(torch.tensor(E2M1_MAX, dtype=torch.float32, device=xb.device))
-        block_scale = torch.clamp(torch.clamp(amax * multiplier, max=F32_MAX), max=E4M3_MAX)
-        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")  # e4m3 RNE, subnormals kept
-        encode = torch.clamp(1.0 / (block_scale * s_dec), max=F32_MAX)
-        v = torch.clamp(xb * encode, -E2M1_MAX, E2M1_MAX)
-        nonfinite = ~torch.isfinite(amax)
-        tensor_scale = s_dec
-    elif flavor == "torchao":
-        t = torch.where(usable, tensor_amax / NVFP4_TENSOR_SCALE_NUMERATOR, torch.ones_like(tensor_amax))
-        # torchao divides by 6 first, then by the tensor scale; the order changes the bits.
-        block_scale = torch.clamp((amax / E2M1_MAX) / t, min=E4M3_MIN_NORMAL, max=E4M3_MAX)
-        block_scale = round_to_element(block_scale, ELEMENTS["e4m3"], "rne")
-        v = torch.clamp(xb * ((1.0 / t) / block_scale), -E2M1_MAX, E2M1_MAX)
-        # A subnormal tensor scale makes 1/t inf and 0 * inf NaN, which torchao turns into garbage
-        # codes; zero stays zero here.
-        v = torch.where(xb == 0, torch.zeros_like(v), v)
-        nonfinite = torch.isnan(amax)
-        tensor_scale = t
-    else:
-        raise ValueError(f"unknown nvfp4 flavor {flavor!r}; known: nvidia, torchao")
-    q = round_to_element_fast(v, elem, rounding, uniform)
+    encode, block_scale, tensor_scale, nonfinite = nvfp4_block_scales(amax, tensor_amax, flavor)
+    q = nvfp4_apply_scales(xb, encode, block_scale, tensor_scale, nonfinite, elem, rounding, uniform, flavor,
+                           want_codes)
     if want_codes:
         return q, block_scale, tensor_scale, nonfinite
-    return nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor)
+    return q
 
 
 def nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor):
