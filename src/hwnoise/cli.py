@@ -27,6 +27,22 @@ app = typer.Typer(
 console = Console()
 
 
+def _load_model(model: str):
+    """(model, tokenizer) with a spinner and quiet third-party logs; a bad spec exits with code 2."""
+    import transformers
+
+    from .models import load
+
+    _quiet_third_party_logs()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with console.status(f"loading {model} ..."):
+        try:
+            return load(model)
+        except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+            _fail(str(exc))
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)
@@ -62,20 +78,10 @@ def formats_command(
     except ValueError as exc:
         _fail(str(exc))
 
-    from .models import DEFAULT_MODEL_NOTE, load
-
-    import transformers
-
-    _quiet_third_party_logs()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    from .models import DEFAULT_MODEL_NOTE
 
     t0 = time.perf_counter()
-    with console.status(f"loading {model} ..."):
-        try:
-            net, _ = load(model)
-        except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-            _fail(str(exc))
+    net, _ = _load_model(model)
     weights = linear_weights(net)
     console.print(f"[bold]{model}[/]: {len(weights)} linear layers, "
                   f"{sum(w.numel() for w in weights.values()) / 1e6:.1f}M weights "
@@ -154,20 +160,10 @@ def scan_command(
     except ValueError as exc:
         _fail(str(exc))
 
-    from .models import DEFAULT_MODEL_NOTE, load
-
-    import transformers
-
-    _quiet_third_party_logs()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    from .models import DEFAULT_MODEL_NOTE
 
     t0 = time.perf_counter()
-    with console.status(f"loading {model} ..."):
-        try:
-            net, tokenizer = load(model)
-        except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
-            _fail(str(exc))
+    net, tokenizer = _load_model(model)
     modules = select_modules(net, "linear", exclude=SCAN_EXCLUDE, default_exclude=False)
     console.print(f"[bold]{model}[/]: {len(modules)} linear modules, {len(calibration)} calibration texts "
                   f"(loaded in {time.perf_counter() - t0:.1f} s)")
