@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+import hwnoise as hn
 
 VOCAB = 300
 
@@ -58,3 +61,41 @@ def trained_tiny_llama(tokenizer, texts, steps: int = 80, seed: int = 0):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
         opt.step()
     return model.eval()
+
+
+# Independent re-measurement of an end-to-end effect: two plain full forwards, no caching.
+
+
+def independent_effect(model, batch, change) -> tuple[float, float]:
+    """(loss increase, mean KL) from two full forwards, the change applied by ``change()``
+    (a context manager); no caching of any kind."""
+    valid = batch.attention_mask[:, 1:].bool()
+    targets = batch.input_ids[:, 1:][valid]
+
+    def logp():
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return torch.log_softmax(logits[:, :-1][valid].double(), -1)
+
+    clean = logp()
+    with change():
+        changed = logp()
+    loss = F.nll_loss(changed, targets).item() - F.nll_loss(clean, targets).item()
+    kl = (clean.exp() * (clean - changed)).sum(-1).mean().item()
+    return loss, kl
+
+
+class InPlace:
+    """Quantize a weight in place and restore it (the naive way the scan avoids)."""
+
+    def __init__(self, module, fmt):
+        self.module, self.fmt = module, fmt
+
+    def __enter__(self):
+        self.saved = self.module.weight.detach().clone()
+        with torch.no_grad():
+            self.module.weight.copy_(hn.quantize(self.saved, self.fmt))
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.module.weight.copy_(self.saved)

@@ -7,16 +7,16 @@ in place and running the whole model without any of the scan's caching.
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _scan_models import ByteTokenizer, bit_identical, snapshot, tiny_llama, trained_tiny_llama  # noqa: E402
+from _scan_models import (  # noqa: E402
+    ByteTokenizer, InPlace, bit_identical, independent_effect, snapshot, tiny_llama, trained_tiny_llama,
+)
 
 import hwnoise as hn  # noqa: E402
 from hwnoise import metrics  # noqa: E402
@@ -136,41 +136,6 @@ def test_layer_aggregates_pool_their_modules(report):
 # --- 3. end-to-end effects: re-measured independently, and the ranking means something ---------------
 
 
-def _independent_effect(model, batch, change) -> tuple[float, float]:
-    """(loss increase, mean KL) from two full forwards, the change applied by ``change()``
-    (a context manager); no caching of any kind."""
-    valid = batch.attention_mask[:, 1:].bool()
-    targets = batch.input_ids[:, 1:][valid]
-
-    def logp():
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return torch.log_softmax(logits[:, :-1][valid].double(), -1)
-
-    clean = logp()
-    with change():
-        changed = logp()
-    loss = F.nll_loss(changed, targets).item() - F.nll_loss(clean, targets).item()
-    kl = (clean.exp() * (clean - changed)).sum(-1).mean().item()
-    return loss, kl
-
-
-class _InPlace:
-    """Quantize a weight in place and restore it (the naive way the scan avoids)."""
-
-    def __init__(self, module, fmt):
-        self.module, self.fmt = module, fmt
-
-    def __enter__(self):
-        self.saved = self.module.weight.detach().clone()
-        with torch.no_grad():
-            self.module.weight.copy_(hn.quantize(self.saved, self.fmt))
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            self.module.weight.copy_(self.saved)
-
-
 def test_end_to_end_effects_equal_independent_measurement(report, model, tok):
     batch = tokenize(tok, calibration_texts(None), DEFAULT_MAX_LENGTH)
     modules = dict(model.named_modules())
@@ -179,7 +144,7 @@ def test_end_to_end_effects_equal_independent_measurement(report, model, tok):
     for row in (top, ranked[len(ranked) // 2], bottom):
         if row.name == "lm_head":  # tied to the embedding: in-place would change both; the scan changes only lm_head
             continue
-        loss, kl = _independent_effect(model, batch, lambda row=row: _InPlace(modules[row.name], "mxfp4"))
+        loss, kl = independent_effect(model, batch, lambda row=row: InPlace(modules[row.name], "mxfp4"))
         assert row.loss_increase == pytest.approx(loss, abs=1e-5), row.name
         assert row.kl == pytest.approx(kl, rel=1e-3, abs=1e-7), row.name
 
@@ -193,8 +158,8 @@ def test_ranking_top_module_raises_loss_more_than_bottom(tok):
         top = report.worst(None)[1]
     batch = tokenize(tok, calibration_texts(None), DEFAULT_MAX_LENGTH)
     modules = dict(net.named_modules())
-    loss_top, _ = _independent_effect(net, batch, lambda: _InPlace(modules[top.name], "mxfp4"))
-    loss_bottom, _ = _independent_effect(net, batch, lambda: _InPlace(modules[bottom.name], "mxfp4"))
+    loss_top, _ = independent_effect(net, batch, lambda: InPlace(modules[top.name], "mxfp4"))
+    loss_bottom, _ = independent_effect(net, batch, lambda: InPlace(modules[bottom.name], "mxfp4"))
     print(f"top {top.name}: loss +{loss_top:.5f}, KL {top.kl:.5f}; bottom {bottom.name}: loss "
           f"{loss_bottom:+.5f}, KL {bottom.kl:.6f}")
     assert top.loss_increase == pytest.approx(loss_top, abs=1e-5)
@@ -217,7 +182,7 @@ def test_input_mode_end_to_end_equals_a_plain_hook(model, tok):
             finally:
                 h.remove()
 
-        loss, kl = _independent_effect(model, batch, hooked)
+        loss, kl = independent_effect(model, batch, hooked)
         assert row.loss_increase == pytest.approx(loss, abs=1e-5)
         assert row.kl == pytest.approx(kl, rel=1e-3, abs=1e-7)
 

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _scan_models import bit_identical, snapshot  # noqa: E402
+from _scan_models import InPlace, bit_identical, independent_effect, snapshot  # noqa: E402
 
 import hwnoise as hn  # noqa: E402
 
@@ -67,32 +65,12 @@ def test_end_to_end_ranking_holds_when_re_measured(bundled):
     from hwnoise.scan.texts import calibration_texts
 
     batch = tokenize(tok, calibration_texts(None), DEFAULT_MAX_LENGTH)
-    valid = batch.attention_mask[:, 1:].bool()
-    targets = batch.input_ids[:, 1:][valid]
-
-    def logp():
-        with torch.no_grad():
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return torch.log_softmax(logits[:, :-1][valid].double(), -1)
-
-    clean_logp = logp()
-    clean = F.nll_loss(clean_logp, targets).item()
     measured, kl = {}, {}
     modules = dict(model.named_modules())
     for name in (LARGE, SMALL):
-        w = modules[name].weight
-        saved = w.detach().clone()
-        try:
-            with torch.no_grad():
-                w.copy_(hn.quantize(saved, "mxfp4"))
-            changed = logp()
-            measured[name] = F.nll_loss(changed, targets).item() - clean
-            kl[name] = (clean_logp.exp() * (clean_logp - changed)).sum(-1).mean().item()
-        finally:
-            with torch.no_grad():
-                w.copy_(saved)
+        measured[name], kl[name] = independent_effect(model, batch, lambda name=name: InPlace(modules[name], "mxfp4"))
     assert bit_identical(model, before)
-    print(f"clean loss {clean:.4f}; {LARGE}: scan +{rows[LARGE].loss_increase:.4f} (KL {rows[LARGE].kl:.4f}), "
+    print(f"{LARGE}: scan +{rows[LARGE].loss_increase:.4f} (KL {rows[LARGE].kl:.4f}), "
           f"re-measured +{measured[LARGE]:.4f}; {SMALL}: scan {rows[SMALL].loss_increase:+.5f} "
           f"(KL {rows[SMALL].kl:.2e}), re-measured {measured[SMALL]:+.5f} (KL {kl[SMALL]:.2e}); lm_head: +{rows['lm_head'].loss_increase:.4f}")
     for name in (LARGE, SMALL):

@@ -72,6 +72,17 @@ class Schedule:
         return [(step, self.sigma_at(step, total_steps, steps_per_epoch)) for step in range(total_steps)]
 
 
+def _check_decay(sigma_start, sigma_end) -> None:
+    """Both sigmas positive (the geometric decay has no 0**0) and decreasing."""
+    _check_sigma("sigma_start", sigma_start, positive=True)
+    _check_sigma("sigma_end", sigma_end, positive=True)
+    if sigma_start < sigma_end:
+        raise ValueError(
+            f"sigma_start ({sigma_start!r}) is below sigma_end ({sigma_end!r}); "
+            "a decay needs sigma_start >= sigma_end (were they swapped?)"
+        )
+
+
 @dataclass(frozen=True)
 class StagedDecay(Schedule):
     """QeRL's staged geometric decay: a warm-up stage at sigma 0, then K-1 stages from start to end.
@@ -86,13 +97,7 @@ class StagedDecay(Schedule):
     stages: int = 10
 
     def __post_init__(self):
-        _check_sigma("sigma_start", self.sigma_start, positive=True)
-        _check_sigma("sigma_end", self.sigma_end, positive=True)
-        if self.sigma_start < self.sigma_end:
-            raise ValueError(
-                f"sigma_start ({self.sigma_start!r}) is below sigma_end ({self.sigma_end!r}); "
-                "a decay needs sigma_start >= sigma_end (were they swapped?)"
-            )
+        _check_decay(self.sigma_start, self.sigma_end)
         _check_count("stages", self.stages, MIN_STAGES)
 
     def sigma_at(self, step, total_steps, steps_per_epoch=None) -> float:
@@ -115,13 +120,7 @@ class EpochAwareDecay(Schedule):
     stages_per_epoch: int = 5
 
     def __post_init__(self):
-        _check_sigma("sigma_start", self.sigma_start, positive=True)
-        _check_sigma("sigma_end", self.sigma_end, positive=True)
-        if self.sigma_start < self.sigma_end:
-            raise ValueError(
-                f"sigma_start ({self.sigma_start!r}) is below sigma_end ({self.sigma_end!r}); "
-                "a decay needs sigma_start >= sigma_end (were they swapped?)"
-            )
+        _check_decay(self.sigma_start, self.sigma_end)
         _check_count("stages_per_epoch", self.stages_per_epoch, MIN_STAGES)
 
     def epoch_sigma(self, epoch: int, epochs: int) -> float:

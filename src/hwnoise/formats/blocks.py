@@ -66,6 +66,7 @@ def normalize_axes(axis, ndim: int, nblock_dims: int) -> tuple[int, ...]:
 def to_blocks(x: torch.Tensor, block: tuple[int, ...], axes: tuple[int, ...]) -> tuple[torch.Tensor, BlockLayout]:
     """Return (blocks [N, prod(block)], layout). `x` should already be fp32."""
     xm = x.movedim(axes, tuple(range(-len(axes), 0)))
+    moved_shape = tuple(xm.shape)
     sizes = xm.shape[-len(axes):]
     padded = tuple(-(-s // b) * b for s, b in zip(sizes, block))
     pad = []
@@ -74,8 +75,7 @@ def to_blocks(x: torch.Tensor, block: tuple[int, ...], axes: tuple[int, ...]) ->
     if any(pad):
         xm = F.pad(xm, pad)
     lead = xm.shape[: xm.ndim - len(axes)]
-    layout = BlockLayout(shape=tuple(x.movedim(axes, tuple(range(-len(axes), 0))).shape), axes=axes,
-                         block=block, padded=padded)
+    layout = BlockLayout(shape=moved_shape, axes=axes, block=block, padded=padded)
     if len(block) == 1:
         return xm.reshape(-1, block[0]), layout
     (bm, bn), (pm, pn) = block, padded
