@@ -1,0 +1,16 @@
+"""The `hwnoise` command (typer + rich): one module per command, all registered on ``app``."""
+
+from __future__ import annotations
+
+from . import formats, scan  # noqa: F401  (registers the commands)
+from .common import app, console
+
+__all__ = ["app", "console"]
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the hwnoise version."""
+    from .. import __version__
+
+    console.print(__version__)
