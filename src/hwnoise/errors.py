@@ -206,7 +206,11 @@ class Quantize(ErrorModel):
 
     @property
     def random(self) -> bool:
-        return dict(self.opts).get("rounding") == "stochastic"
+        """Whether rounding is stochastic, set by an option or inside the spec string
+        (``"mxfp4:rounding=stochastic"``, the ``mxfp4_sr`` alias)."""
+        from .formats import get as get_format
+
+        return dict(self.opts).get("rounding", get_format(self.fmt).rounding) == "stochastic"
 
     def apply(self, x, key=None):
         from .formats import quantize
