@@ -148,7 +148,7 @@ def test_aqn_noise_has_the_requested_std_on_the_norm_weights(model):
 def test_grad_true_quantizes_forward_and_passes_gradients_to_the_clean_weights(model):
     ids = tokens()
     e = Emulation(weight_format="mxfp4")
-    with e.applied(model) :
+    with e.applied(model):
         ref = _logits(model, ids)
     model.zero_grad()
     with e.applied(model, grad=True):
