@@ -1,0 +1,635 @@
+"""``TrainConfig``: one dataclass for `hwnoise train`, every field with help text.
+
+Loaded from YAML (nested sections or dotted keys) with ``key=value`` overrides whose types come from
+the dataclass (``aqn.sigma_start=0.01``, ``lora.targets=q_proj,v_proj``, ``emulation.weight_format=null``).
+``validate()`` refuses unknown keys, impossible combinations, missing files and unknown formats
+before any model is loaded; what needs the model's structure (LoRA targets, multiplier layers) is
+checked against its config on the meta device (``check_model_structure``), still without weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "AQN_SCHEDULES",
+    "FINETUNE_MODES",
+    "LOSS_TYPES",
+    "PHASES",
+    "REWARD_MODES",
+    "AQNConfig",
+    "AlgorithmConfig",
+    "ConfigError",
+    "DataConfig",
+    "EmulationConfig",
+    "EvalConfig",
+    "LoRAConfig",
+    "LoggingConfig",
+    "RewardConfig",
+    "TrainConfig",
+    "parse_override",
+]
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+AQN_SCHEDULES = ("staged", "epoch_aware", "constant")
+PHASES = ("rollout", "training", "both")
+REWARD_MODES = ("strict", "flexible")
+FINETUNE_MODES = ("full", "lora")
+DEVICES = ("auto", "cpu", "cuda")
+VLLM_MODES = ("colocate", "server")
+EVAL_SETTINGS = ("clean", "rollout")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the bad value and what is accepted."""
+
+
+def _field(default, help: str, **kw):
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable default")  # tuples only: configs are compared and copied
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    train: str = _field("arith", "Training problems: 'arith' (seeded arithmetic generator; 'arith:level=2'), "
+                        "a GSM8K .jsonl/.parquet path, or 'gsm8k' (the hub, when online).")
+    n_train: int = _field(64, "How many training problems to load (the dataset of one epoch).")
+    eval: str | None = _field(None, "Held-out problems for periodic evaluation: same forms as `train`; "
+                              "null: the `train` spec's 'test' split (arith: the generator's test stream; "
+                              "'gsm8k': the hub test split; a file: its problems after the first n_train). "
+                              "Problems whose question also appears in training are always dropped.")
+    n_eval: int = _field(16, "How many held-out problems each evaluation scores.")
+    eval_seed: int | None = _field(None, "Seed of generated held-out problems (null: the run's seed; arith's "
+                                   "test stream differs from its train stream either way).")
+
+
+@dataclass
+class RewardConfig:
+    mode: str = _field("flexible", "Correctness reward: 'strict' (the '#### N' answer line, as lm-eval's gsm8k) "
+                       "or 'flexible' (the last number in the completion).", choices=REWARD_MODES)
+    format_bonus: float = _field(0.0, "Extra reward for a well-formed '#### N' answer line (0: none).")
+
+
+@dataclass
+class AlgorithmConfig:
+    loss_type: str = _field("grpo", "TRL loss_type: 'grpo', 'dapo' (token-level normalisation; use with "
+                            "epsilon_high=0.28 as in DAPO), 'dr_grpo' or 'bnpo'.", choices=LOSS_TYPES)
+    num_generations: int = _field(4, "Completions sampled per prompt (the GRPO group; >= 2).")
+    batch_size: int = _field(4, "Completions (not prompts) per device per micro-step: TRL's "
+                             "per_device_train_batch_size. batch_size x gradient_accumulation_steps must be "
+                             "divisible by num_generations (TRL generates whole prompt groups).")
+    gradient_accumulation_steps: int = _field(1, "Micro-steps per optimizer step.")
+    max_completion_length: int = _field(48, "Most tokens generated per completion.")
+    temperature: float = _field(1.0, "Sampling temperature of the rollouts.")
+    learning_rate: float = _field(1e-6, "AdamW learning rate (0 leaves the weights unchanged: a dry run).")
+    beta: float = _field(0.0, "KL coefficient against the reference model (0: no reference model kept).")
+    epsilon: float = _field(0.2, "PPO clip range (lower side, and upper side unless epsilon_high).")
+    epsilon_high: float | None = _field(None, "Upper clip range (DAPO's clip-higher: 0.28); null: epsilon.")
+    num_iterations: int = _field(1, "Optimisation passes per generated batch (GRPO's mu).")
+    mask_truncated_completions: bool = _field(False, "Leave completions cut at max_completion_length out of "
+                                              "the loss (DAPO's overlong filtering).")
+    gradient_checkpointing: bool = _field(True, "Recompute activations in backward (TRL's default).")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _field(16, "LoRA rank r (finetune: lora only).")
+    alpha: int = _field(32, "LoRA alpha (scaling alpha / r).")
+    dropout: float = _field(0.0, "LoRA dropout.")
+    targets: tuple[str, ...] = _field(DEFAULT_LORA_TARGETS, "Module names LoRA adapts (peft target_modules, "
+                                      "matched as name suffixes); each must match a module of the model.")
+
+
+@dataclass
+class EmulationConfig:
+    weight_format: str | None = _field(None, "Weight format (W4A16-style): linear weights quantized, e.g. "
+                                       "'mxfp4', 'nvfp4', 'mxfp8'. null: none. Works with vLLM (the "
+                                       "quantized weights are what TRL syncs to the engine).")
+    weight_phase: str = _field("rollout", "When the weight format applies: 'rollout' (generation), "
+                               "'training' (the loss forward, straight-through gradients) or 'both'.",
+                               choices=PHASES)
+    input_format: str | None = _field(None, "Input format (W16A4-style): inputs of linear layers quantized. "
+                                      "Hooks on the training model: not with vLLM.")
+    input_phase: str = _field("rollout", "When the input format applies: rollout, training or both.",
+                              choices=PHASES)
+    noise: str | None = _field(None, "Operator noise error model ('relative', 'absolute', 'bias'); with "
+                               "noise_scale. Noisy linear/matmul/bmm ops, backward noisy too in training. "
+                               "Not with vLLM (its kernels are out of reach).")
+    noise_scale: float = _field(0.0, "Scale of the operator noise (e.g. 0.05 for 5 % relative).")
+    noise_ops: tuple[str, ...] = _field(("linear", "matmul", "bmm"), "Operators the noise reaches "
+                                        "('all' adds softmax, silu, gelu, layer_norm, rms_norm).")
+    noise_phase: str = _field("rollout", "When the operator noise applies: rollout, training or both.",
+                              choices=PHASES)
+    targets: str = _field("linear", "Modules the weight/input formats reach (hwnoise.select spec).")
+    exclude: tuple[str, ...] = _field(("lm_head",), "Module name globs left in full precision.")
+
+
+@dataclass
+class AQNConfig:
+    enabled: bool = _field(False, "Adaptive Quantization Noise on the rollouts (QeRL): Gaussian noise on "
+                           "RMSNorm weights before each generation, restored before the loss pass. With "
+                           "vLLM the noisy weights are what TRL syncs to the engine.")
+    schedule: str = _field("staged", "Sigma schedule: 'staged' (warm-up then geometric decay in `stages` "
+                           "steps), 'epoch_aware' (the staged shape restarted each epoch; needs `epochs`) "
+                           "or 'constant' (sigma_start at every step).", choices=AQN_SCHEDULES)
+    sigma_start: float = _field(1e-2, "Sigma of the first noisy stage (constant: the sigma).")
+    sigma_end: float = _field(5e-4, "Sigma of the last stage (> 0; <= sigma_start).")
+    stages: int = _field(10, "Stages K of the staged decay (the first is a sigma-0 warm-up); per epoch "
+                         "for epoch_aware.")
+    layer_types: tuple[str, ...] = _field(("rmsnorm",), "Weights that get noise: 'rmsnorm' (absolute), "
+                                          "'linear' (relative to |w|; destructive above ~0.005) or both.")
+    multipliers: str | None = _field(None, "Per-layer multipliers JSON exported by `hwnoise scan` "
+                                     "(sigma_multipliers.json); null: 1 everywhere.")
+    seed: int | None = _field(None, "Seed of the noise draws (null: the run's seed).")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _field(0, "Evaluate every this many optimizer steps (0: only at the end).")
+    at_start: bool = _field(False, "Also evaluate before the first step (the accuracy to recover).")
+    settings: tuple[str, ...] = _field(("clean",), "Settings evaluated: 'clean', and 'rollout' (the "
+                                       "rollout emulation, AQN off).", choices=EVAL_SETTINGS)
+    max_new_tokens: int = _field(256, "Most tokens generated per evaluated problem (greedy).")
+    batch_size: int = _field(8, "Problems per generate call.")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: tuple[str, ...] = _field(("tensorboard",), "TRL/transformers report_to: 'tensorboard', "
+                                        "'wandb', 'trackio' or 'none'.")
+    logging_steps: int = _field(1, "Log every this many steps.")
+    save_steps: int = _field(0, "Save a checkpoint (resumable: model, optimizer, RNG, data position) "
+                             "every this many steps; 0: none.")
+    save_total_limit: int | None = _field(None, "Keep at most this many checkpoints (null: all).")
+    log_completions: bool = _field(False, "Print and save sample completions at each log.")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `hwnoise train` needs: model, data, reward, GRPO/DAPO, LoRA, emulation, AQN, eval, logging."""
+
+    model: str = _field("default", "Model: 'default' (bundled SmolLM2-135M-Instruct), an HF directory, "
+                        "a .gguf file or a hub id.")
+    run_dir: str = _field("hwnoise-out/train/run", "Output directory: checkpoints, TensorBoard logs, "
+                          "hwnoise_config.yaml, evals.jsonl, run.json.")
+    seed: int = _field(0, "Seed of the data order, sampling, noise and held-out problems.")
+    steps: int | None = _field(None, "Optimizer steps (exactly one of steps and epochs).")
+    epochs: int | None = _field(None, "Passes over the training problems (exactly one of steps and epochs).")
+    finetune: str = _field("full", "'full' fine-tuning or 'lora' (see the lora section).",
+                           choices=FINETUNE_MODES)
+    device: str = _field("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'.", choices=DEVICES)
+    bf16: bool | None = _field(None, "bf16 mixed precision (null: on CUDA with bf16 support, off on CPU).")
+    use_vllm: bool = _field(False, "Generate with vLLM (GPU only). Weight-side emulation only: AQN and the "
+                            "weight format are applied to the training model before TRL's weight sync, so "
+                            "the engine generates with noisy/quantized weights; input formats and operator "
+                            "noise cannot reach vLLM's kernels and are refused.")
+    vllm_mode: str = _field("colocate", "vLLM in this process ('colocate') or a `trl vllm-serve` "
+                            "('server').", choices=VLLM_MODES)
+    vllm_importance_sampling_correction: bool = _field(True, "TRL's truncated importance sampling between "
+                                                       "vLLM and the training model. It reweights exactly "
+                                                       "the rollout/training mismatch AQN creates on "
+                                                       "purpose; the gap is logged either way.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and held-out problems."})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "The reward function."})
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig,
+                                       metadata={"help": "GRPO/DAPO settings passed to TRL's GRPOConfig."})
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA (finetune: lora)."})
+    emulation: EmulationConfig = field(default_factory=EmulationConfig,
+                                       metadata={"help": "Emulated hardware: formats and operator noise."})
+    aqn: AQNConfig = field(default_factory=AQNConfig, metadata={"help": "Adaptive Quantization Noise."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Periodic held-out evaluation."})
+    logging: LoggingConfig = field(default_factory=LoggingConfig,
+                                   metadata={"help": "Logging and checkpoints."})
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """``{dotted key: help}`` for every settable field, in declaration order."""
+        return {key: spec["help"] for key, spec in _leaf_fields(cls).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides=(), source: str = "config") -> TrainConfig:
+        """From a (nested or dotted) mapping, then ``key=value`` overrides; not yet validated."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings at the top level; got {type(data).__name__}")
+        config = cls()
+        for key, value in _flatten(data, source):
+            config.set(key, value, source=source)
+        for item in overrides:
+            key, value = parse_override(item)
+            config.set(key, value, source="command line", raw=True)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path, overrides=()) -> TrainConfig:
+        """Read a YAML file and apply ``key=value`` overrides (not yet validated)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        return cls.from_dict(data, overrides, source=f"config file {str(path)!r}")
+
+    def set(self, key: str, value, *, source: str = "config", raw: bool = False) -> None:
+        """Set one dotted key; ``raw``: ``value`` is command-line text, parsed by the field's type."""
+        leaves = _leaf_fields(type(self))
+        if key not in leaves:
+            raise ConfigError(_unknown_key_message(key, leaves, source))
+        spec = leaves[key]
+        coerced = _coerce(value, spec["type"], key, raw)
+        target = self
+        *sections, name = key.split(".")
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, coerced)
+
+    def to_dict(self) -> dict:
+        """Nested plain data (tuples as lists): what hwnoise_config.yaml holds."""
+        def plain(value):
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- derived -----------------------------------------------------------------------------------
+
+    @property
+    def eval_seed(self) -> int:
+        return self.data.eval_seed if self.data.eval_seed is not None else self.seed
+
+    @property
+    def aqn_seed(self) -> int:
+        return self.aqn.seed if self.aqn.seed is not None else self.seed
+
+    def phase_parts(self, phase: str) -> dict:
+        """The emulation that applies in ``phase`` ("rollout" or "training") as Emulation kwargs."""
+        e = self.emulation
+        parts = {}
+        if e.weight_format and e.weight_phase in (phase, "both"):
+            parts["weight_format"] = e.weight_format
+        if e.input_format and e.input_phase in (phase, "both"):
+            parts["input_format"] = e.input_format
+        if e.noise and e.noise_phase in (phase, "both"):
+            parts["error"] = f"{e.noise}:{e.noise_scale!r}"
+            parts["ops"] = tuple(e.noise_ops)
+        return parts
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming every impossible setting; cheap (no model, no data loaded)."""
+        problems: list[str] = []
+        add = problems.append
+        for key, spec in _leaf_fields(type(self)).items():
+            choices = spec["choices"]
+            if choices is None:
+                continue
+            value = self._get(key)
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if v is not None and v not in choices:
+                    add(f"{key}: unknown value {v!r}; known: {', '.join(choices)}")
+
+        # Length and count checks.
+        if (self.steps is None) == (self.epochs is None):
+            add(f"give exactly one of steps and epochs (steps={self.steps}, epochs={self.epochs})")
+        for key in ("steps", "epochs"):
+            value = self._get(key)
+            if value is not None and value < 1:
+                add(f"{key} must be >= 1; got {value}")
+        a = self.algorithm
+        for key, minimum in (("data.n_train", 1), ("data.n_eval", 1), ("algorithm.num_generations", 2),
+                             ("algorithm.batch_size", 1), ("algorithm.gradient_accumulation_steps", 1),
+                             ("algorithm.max_completion_length", 1), ("algorithm.num_iterations", 1),
+                             ("eval.every", 0), ("eval.max_new_tokens", 1), ("eval.batch_size", 1),
+                             ("logging.logging_steps", 1), ("logging.save_steps", 0), ("aqn.stages", 2)):
+            value = self._get(key)
+            if value < minimum:
+                add(f"{key} must be >= {minimum}; got {value}")
+        for key in ("algorithm.learning_rate", "algorithm.beta", "algorithm.temperature", "algorithm.epsilon",
+                    "emulation.noise_scale", "reward.format_bonus", "lora.dropout"):
+            value = self._get(key)
+            if not math.isfinite(value) or value < 0:
+                add(f"{key} must be a finite number >= 0; got {value}")
+        if a.temperature == 0:
+            add("algorithm.temperature must be > 0 (GRPO samples several different completions per prompt)")
+        generation_batch = a.batch_size * a.gradient_accumulation_steps
+        if a.num_generations >= 2 and generation_batch % a.num_generations:
+            add(f"algorithm.batch_size x gradient_accumulation_steps ({a.batch_size} x "
+                f"{a.gradient_accumulation_steps} = {generation_batch}) must be divisible by "
+                f"algorithm.num_generations ({a.num_generations}): TRL generates whole prompt groups")
+
+        # LoRA.
+        if self.finetune == "lora":
+            if self.lora.rank < 1:
+                add(f"finetune: lora needs lora.rank >= 1; got {self.lora.rank} (use finetune: full for full fine-tuning)")
+            if self.lora.alpha <= 0:
+                add(f"lora.alpha must be > 0; got {self.lora.alpha}")
+            if not self.lora.targets:
+                add("finetune: lora needs at least one lora.targets entry")
+
+        # Emulation.
+        e = self.emulation
+        from .. import formats
+
+        for key in ("emulation.weight_format", "emulation.input_format"):
+            value = self._get(key)
+            if value is not None:
+                try:
+                    formats.get(value)
+                except ValueError as err:
+                    add(f"{key}: {err}")
+        if e.noise is not None:
+            from .. import errors
+
+            try:
+                errors.get(e.noise, e.noise_scale)
+            except (ValueError, TypeError) as err:
+                add(f"emulation.noise: {err}")
+            if e.noise_scale <= 0:
+                add(f"emulation.noise: {e.noise!r} needs emulation.noise_scale > 0; got {e.noise_scale}")
+            if not e.noise_ops:
+                add("emulation.noise needs at least one emulation.noise_ops entry")
+            else:
+                from ..inject import ALL_OPS
+
+                known = tuple(ALL_OPS) + ("all",)
+                for op in e.noise_ops:
+                    if op not in known:
+                        add(f"emulation.noise_ops: unknown op {op!r}; known: {', '.join(known)}")
+
+        # AQN.
+        q = self.aqn
+        if q.enabled:
+            for key in ("aqn.sigma_start", "aqn.sigma_end"):
+                value = self._get(key)
+                if not math.isfinite(value) or value < 0:
+                    add(f"{key} must be a finite number >= 0; got {value}")
+            if q.schedule != "constant":
+                if q.sigma_end <= 0 or q.sigma_start <= 0:
+                    add(f"aqn: a geometric decay needs sigma_start and sigma_end > 0 (got {q.sigma_start}, "
+                        f"{q.sigma_end}); for noise that ends near zero use e.g. 1e-6")
+                elif q.sigma_end > q.sigma_start:
+                    add(f"aqn.sigma_end ({q.sigma_end}) is above aqn.sigma_start ({q.sigma_start}); "
+                        "the schedule decays (were they swapped?)")
+            if q.schedule == "epoch_aware" and self.epochs is None:
+                add("aqn.schedule: epoch_aware restarts each epoch, so it needs `epochs` (not `steps`)")
+            if not q.layer_types:
+                add("aqn.layer_types needs at least one of rmsnorm, linear")
+            from ..select import LAYER_TYPES
+
+            for t in q.layer_types:
+                if t not in LAYER_TYPES:
+                    add(f"aqn.layer_types: unknown {t!r}; known: {', '.join(LAYER_TYPES)}")
+            if q.multipliers is not None:
+                from ..aqn import LayerMultipliers
+
+                try:
+                    LayerMultipliers.from_json(q.multipliers)
+                except ValueError as err:
+                    add(f"aqn.multipliers: {err}")
+        if self.phase_parts("training") and a.gradient_checkpointing:
+            add("emulation in the training phase needs algorithm.gradient_checkpointing: false (checkpointing "
+                "recomputes the forward during backward, outside the emulation, so the gradient would not "
+                "match the emulated forward)")
+        if self.eval.settings and "rollout" in self.eval.settings and not self.phase_parts("rollout"):
+            add("eval.settings has 'rollout' but no emulation applies in the rollout phase "
+                "(set emulation.weight_format/input_format/noise with phase rollout or both)")
+        if not self.eval.settings:
+            add("eval.settings needs at least one of clean, rollout")
+
+        # vLLM: only weight-side emulation reaches the engine (through TRL's weight sync).
+        if self.use_vllm:
+            if e.input_format is not None:
+                add(f"use_vllm: the input format {e.input_format!r} works through hooks on the training "
+                    "model, which vLLM's engine does not run; use emulation.weight_format or use_vllm: false")
+            if e.noise is not None:
+                add(f"use_vllm: operator noise {e.noise!r} works by routing torch ops in this process, which "
+                    "vLLM's kernels bypass; use use_vllm: false (or AQN / a weight format, which vLLM receives "
+                    "through the weight sync)")
+            if self.device == "cpu":
+                add("use_vllm needs a CUDA device (device: cpu)")
+            else:
+                import importlib.util
+
+                if importlib.util.find_spec("vllm") is None:
+                    add("use_vllm: vllm is not installed (pip install vllm, on a CUDA machine)")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                add("device: cuda, but no CUDA device is available (use device: cpu or auto)")
+        if self.bf16 and self.resolved_device() == "cpu":
+            add("bf16: true on CPU: bf16 autocast on CPU is slow and TRL's CPU path is tested in fp32; "
+                "use bf16: null")
+
+        # Data.
+        for key in ("data.train", "data.eval"):
+            value = self._get(key)
+            if value is None:
+                continue
+            message = _check_data_spec(value)
+            if message:
+                add(f"{key}: {message}")
+
+        # Model.
+        message = _check_model_spec(self.model)
+        if message:
+            add(f"model: {message}")
+
+        report = set(self.logging.report_to)
+        known_reporters = {"tensorboard", "wandb", "trackio", "none", "all", "comet_ml", "mlflow", "clearml"}
+        for name in report:
+            if name not in known_reporters:
+                add(f"logging.report_to: unknown {name!r}; known: {', '.join(sorted(known_reporters))}")
+        if "none" in report and len(report) > 1:
+            add("logging.report_to: 'none' cannot be combined with other reporters")
+
+        if problems:
+            raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _get(self, key: str):
+        value = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _leaf_fields(cls, prefix: str = "") -> dict[str, dict]:
+    """``{dotted key: {"type", "help", "choices"}}`` for every non-section field of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(_leaf_fields(kind, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = {"type": kind, "help": f.metadata.get("help", ""),
+                                        "choices": f.metadata.get("choices")}
+    return out
+
+
+def _flatten(data: dict, source: str, prefix: str = ""):
+    """Nested sections and dotted keys alike -> ``(dotted key, value)`` pairs."""
+    sections = {f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(f.default_factory)}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is not a string")
+        full = f"{prefix}{key}"
+        if not prefix and key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {key!r} must be a mapping of settings; got {value!r}")
+            yield from _flatten(value, source, f"{full}.")
+        else:
+            yield full, value
+
+
+def _unknown_key_message(key: str, leaves: dict, source: str) -> str:
+    close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.6)
+    if not close:  # a bare field name given without its section ("sigma_start")
+        close = [k for k in leaves if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{source}: unknown key {key!r}{hint}\nknown keys: {', '.join(leaves)}"
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """``"aqn.sigma_start=0.01"`` -> ``("aqn.sigma_start", "0.01")``."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(f"bad override {item!r}; expected key=value, e.g. aqn.sigma_start=0.01")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"bad override {item!r}; the key before '=' is empty")
+    return key, value.strip()
+
+
+_NULLS = ("null", "none", "~", "")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(kind) -> str:
+    return _TYPE_NAMES.get(kind) or getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _coerce(value, kind, key: str, raw: bool):
+    """``value`` as the field type ``kind``; ``raw`` text is parsed first (YAML scalars, comma lists)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (raw and isinstance(value, str) and value.strip().lower() in _NULLS):
+            if optional:
+                return None
+            raise ConfigError(f"{key} cannot be null")
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, raw)
+        raise ConfigError(f"{key}: unsupported field type {kind}")  # pragma: no cover - not used
+    if origin is tuple:
+        item_type = args[0] if args else str
+        if raw and isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        elif isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (of {_type_name(item_type)}); got {value!r}")
+        return tuple(_coerce(v, item_type, key, raw=False) for v in value)
+    if raw and isinstance(value, str) and kind is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: cannot parse {value!r} as {_type_name(kind)}") from None
+    if value is None:
+        raise ConfigError(f"{key} cannot be null (expected {_type_name(kind)})")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every field type is handled above
+        raise ConfigError(f"{key}: unsupported field type {kind}")
+    raise ConfigError(f"{key} must be {_type_name(kind)}; got {value!r}")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.lower().endswith(_DATA_SUFFIXES) or os.sep in spec or spec.startswith((".", "~"))
+
+
+def _check_data_spec(spec: str) -> str | None:
+    name = spec.split(":", 1)[0].strip().lower()
+    if name in ("arith", "gsm8k") and not _looks_like_path(spec):
+        return None
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser()
+        if not path.exists():
+            return f"data file {spec!r} does not exist"
+        if path.is_file() and not path.name.lower().endswith(_DATA_SUFFIXES):
+            return f"data file {spec!r} is not .jsonl, .json or .parquet"
+        return None
+    return f"unknown data {spec!r}; expected 'arith', 'arith:level=N', 'gsm8k' or a .jsonl/.parquet path"
+
+
+def _check_model_spec(spec: str) -> str | None:
+    if spec in ("default", "smollm2"):
+        return None
+    path = Path(spec).expanduser()
+    if (spec.endswith(".gguf") or spec.startswith((".", "~", os.sep))) and not path.exists():
+        return f"no such model file or directory: {spec!r}"
+    return None

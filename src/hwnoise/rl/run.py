@@ -1,0 +1,321 @@
+"""Build and run a GRPO/DAPO trainer from a ``TrainConfig``: ``build_trainer`` and ``train``.
+
+``train(config)`` validates the config and checks it against the model's structure (LoRA targets,
+multiplier layers) before any weight is loaded, writes ``RUN_DIR/hwnoise_config.yaml``, trains, and
+writes ``RUN_DIR/run.json`` (status "finished" or "failed") atomically. AQN noise and emulation live
+only inside the trainer's rollout / loss contexts, which undo them also when something raises; on
+the way out ``train`` still checks that no AQN noise is left on the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "latest_checkpoint", "train"]
+
+CONFIG_FILE = "hwnoise_config.yaml"
+RUN_FILE = "run.json"
+TENSORBOARD_DIR = "tensorboard"
+
+
+# -- checks that need the model's structure, not its weights -----------------------------------------
+
+
+def _meta_model(spec: str):
+    """The model built from its config on the meta device: module names without loading weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import default_model_path, ensure_converted
+
+    if spec in ("default", "smollm2"):
+        source = ensure_converted(default_model_path())
+    elif Path(spec).expanduser().is_file() and spec.endswith(".gguf"):
+        source = ensure_converted(Path(spec).expanduser())
+    else:
+        source = spec
+    config = AutoConfig.from_pretrained(source, local_files_only=Path(str(source)).exists())
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_model_structure(config: TrainConfig, model=None) -> None:
+    """LoRA targets that match no module, AQN multipliers for layers the model lacks: ConfigError.
+
+    ``model`` None: the model is built on the meta device from its config (no weights read).
+    """
+    if config.finetune != "lora" and (not config.aqn.enabled or config.aqn.multipliers is None):
+        return
+    if model is None:
+        model = _meta_model(config.model)
+    problems = []
+    names = [name for name, _ in model.named_modules() if name]
+    if config.finetune == "lora":
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if name and not list(m.children())})
+        for target in config.lora.targets:
+            if not any(name == target or name.endswith(f".{target}") for name in names):
+                problems.append(f"lora.targets: {target!r} matches no module of {config.model!r}; "
+                                f"module names there: {', '.join(leaves)}")
+    if config.aqn.enabled and config.aqn.multipliers is not None:
+        from ..aqn import LayerMultipliers
+        from ..select import decoder_layer_indices
+
+        try:
+            LayerMultipliers.from_json(config.aqn.multipliers).check_model(decoder_layer_indices(model))
+        except ValueError as err:
+            problems.append(f"aqn.multipliers: {err}")
+    if problems:
+        raise ConfigError("invalid training configuration for this model:\n  - " + "\n  - ".join(problems))
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def _aqn(config: TrainConfig):
+    if not config.aqn.enabled:
+        return None
+    from ..aqn import AQN, Constant, EpochAwareDecay, StagedDecay
+
+    q = config.aqn
+    if q.schedule == "constant":
+        schedule = Constant(q.sigma_start)
+    elif q.schedule == "epoch_aware":
+        schedule = EpochAwareDecay(q.sigma_start, q.sigma_end, stages_per_epoch=q.stages)
+    else:
+        schedule = StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
+    return AQN(schedule, layer_types=q.layer_types, multipliers=q.multipliers, seed=config.aqn_seed)
+
+
+def _emulation(config: TrainConfig, phase: str):
+    from ..inject import Emulation
+
+    parts = config.phase_parts(phase)
+    if not parts:
+        return None
+    e = config.emulation
+    return Emulation(**parts, targets=e.targets, exclude=tuple(e.exclude))
+
+
+def _problems(config: TrainConfig):
+    from ..data import load_problems
+
+    train = load_problems(config.data.train, n=config.data.n_train, seed=config.seed, split="train")
+    eval_spec = config.data.eval or config.data.train
+    # Generous draw, then drop problems seen in training: evaluation must be held out.
+    held = load_problems(eval_spec, n=None if not eval_spec.startswith("arith") else config.data.n_eval * 2 + 16,
+                         seed=config.eval_seed, split="test")
+    seen = {p.question for p in train}
+    held = [p for p in held if p.question not in seen]
+    if len(held) < config.data.n_eval:
+        raise ConfigError(f"data.eval: only {len(held)} held-out problems in {eval_spec!r} are not also training "
+                          f"problems; data.n_eval is {config.data.n_eval}")
+    return train, held[: config.data.n_eval]
+
+
+def _dataset(problems, tokenizer):
+    from datasets import Dataset
+
+    from ..data import prompt_messages, prompt_text
+    from ..eval.generate import uses_chat_template
+
+    chat = uses_chat_template(tokenizer)
+    return Dataset.from_list([
+        {"prompt": prompt_messages(p.question) if chat else prompt_text(p.question), "gold": p.gold,
+         "answer": p.answer, "id": p.id}
+        for p in problems
+    ])
+
+
+def _grpo_config(config: TrainConfig, device: str):
+    from trl import GRPOConfig
+
+    a, log = config.algorithm, config.logging
+    cpu = device == "cpu"
+    bf16 = config.bf16
+    if bf16 is None:
+        import torch
+
+        bf16 = (not cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    report_to = [r for r in log.report_to if r != "none"] or "none"
+    return GRPOConfig(
+        output_dir=str(config.run_dir),
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.gradient_accumulation_steps,
+        num_generations=a.num_generations,
+        max_completion_length=a.max_completion_length,
+        temperature=a.temperature,
+        learning_rate=a.learning_rate,
+        beta=a.beta,
+        epsilon=a.epsilon,
+        epsilon_high=a.epsilon_high,
+        num_iterations=a.num_iterations,
+        loss_type=a.loss_type,
+        mask_truncated_completions=a.mask_truncated_completions,
+        gradient_checkpointing=a.gradient_checkpointing,
+        max_steps=config.steps if config.steps is not None else -1,
+        num_train_epochs=config.epochs if config.epochs is not None else 1,
+        seed=config.seed,
+        logging_steps=log.logging_steps,
+        save_strategy="steps" if log.save_steps else "no",
+        save_steps=log.save_steps or 500,
+        save_total_limit=log.save_total_limit,
+        report_to=report_to,
+        log_completions=log.log_completions,
+        use_cpu=cpu,
+        bf16=bf16,
+        use_vllm=config.use_vllm,
+        vllm_mode=config.vllm_mode,
+        vllm_importance_sampling_correction=config.vllm_importance_sampling_correction,
+        disable_tqdm=True,
+    )
+
+
+def _steps_per_epoch(config: TrainConfig, n_train: int) -> int | None:
+    """Optimizer steps per pass over the training problems (for epoch-aware AQN), as TRL counts them."""
+    if config.epochs is None:
+        return None
+    a = config.algorithm
+    prompts_per_step = a.batch_size * a.gradient_accumulation_steps // a.num_generations
+    return max(1, math.ceil(n_train / prompts_per_step))
+
+
+def _apply_lora(config: TrainConfig, model):
+    from peft import LoraConfig, get_peft_model
+
+    check_model_structure(config, model)
+    lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=list(config.lora.targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_funcs=(), callbacks=(),
+                  on_eval=None):
+    """A ``HwnoiseGRPOTrainer`` for ``config`` (validated here, before anything loads).
+
+    model / tokenizer: use these instead of loading ``config.model`` (tests pass tiny models).
+    reward_funcs: extra TRL reward functions after hwnoise's correctness reward. callbacks: extra
+    TrainerCallbacks. on_eval(step, EvalReport): called after each periodic evaluation.
+    """
+    config.validate()
+    check_model_structure(config, model)
+    device = config.resolved_device()
+    if model is None:
+        from ..models import load
+
+        model, tokenizer = load(config.model, device="cpu" if device == "cpu" else "cuda")
+    elif tokenizer is None:
+        raise ValueError("build_trainer: a model given without its tokenizer")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_problems, eval_problems = _problems(config)
+    if config.finetune == "lora":
+        model = _apply_lora(config, model)
+
+    from ..rewards import correctness_reward
+    from .callbacks import EvalCallback
+    from .trainer import HwnoiseGRPOTrainer
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = HwnoiseGRPOTrainer(
+        model=model,
+        reward_funcs=[correctness_reward(config.reward.mode, config.reward.format_bonus), *reward_funcs],
+        args=_grpo_config(config, device),
+        train_dataset=_dataset(train_problems, tokenizer),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        aqn=_aqn(config),
+        rollout_emulation=_emulation(config, "rollout"),
+        training_emulation=_emulation(config, "training"),
+        emulation_seed=config.seed,
+        steps_per_epoch=_steps_per_epoch(config, len(train_problems)),
+    )
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(run_dir / TENSORBOARD_DIR)  # one place, also across resumes
+    settings = ["clean"]
+    if "rollout" in config.eval.settings:
+        settings.append(_emulation(config, "rollout"))
+    trainer.add_callback(EvalCallback(
+        trainer, tokenizer, eval_problems, settings, run_dir, every=config.eval.every, at_start=config.eval.at_start,
+        batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, seed=config.eval_seed,
+        on_eval=on_eval,
+    ))
+    trainer.hwnoise_config = config
+    trainer.eval_problems = eval_problems
+    return trainer
+
+
+def latest_checkpoint(run_dir) -> str | None:
+    """The newest ``checkpoint-N`` directory of a run, or None."""
+    found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
+def _resolve_resume(resume, run_dir) -> str | None:
+    if resume in (None, False, ""):
+        return None
+    if resume in (True, "latest"):
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(f"--resume latest: no checkpoint-N directory in {str(run_dir)!r} "
+                              "(set logging.save_steps to save checkpoints)")
+        return found
+    if not Path(resume).is_dir():
+        raise ConfigError(f"--resume: no checkpoint directory {str(resume)!r}")
+    return str(resume)
+
+
+def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, reward_funcs=(), callbacks=(),
+          on_eval=None, trainer_hook=None) -> Path:
+    """Train; return the run directory. ``resume``: a checkpoint directory or "latest".
+
+    Writes hwnoise_config.yaml (the resolved config) before training and run.json after, also when
+    training raises (status "failed", then the exception propagates). trainer_hook(trainer) is
+    called once the trainer is built (the CLI attaches its progress display there).
+    """
+    from ..report import atomic_write_json, atomic_write_text
+    from .callbacks import read_evals
+
+    config.validate()
+    run_dir = Path(config.run_dir)
+    checkpoint = _resolve_resume(resume, run_dir)
+    check_model_structure(config, model)
+    t0 = time.perf_counter()
+    trainer = build_trainer(config, model, tokenizer, reward_funcs=reward_funcs, callbacks=callbacks,
+                            on_eval=on_eval)
+    atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+    if trainer_hook is not None:
+        trainer_hook(trainer)
+    status, error = "failed", None
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        status = "finished"
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        aqn = trainer.aqn
+        if aqn is not None and aqn.applied:  # the rollout context restores; this is the last guard
+            aqn.restore(trainer.accelerator.unwrap_model(trainer.model))
+        if trainer.is_world_process_zero():
+            atomic_write_json(run_dir / RUN_FILE, {
+                "config": config.to_dict(),
+                "status": status,
+                "error": error,
+                "steps": trainer.state.global_step,
+                "max_steps": trainer.state.max_steps,
+                "resumed_from": checkpoint,
+                "evals": read_evals(run_dir),
+                "log_history": trainer.state.log_history,
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+    return run_dir
