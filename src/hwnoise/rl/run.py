@@ -204,6 +204,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     config.validate()
     check_model_structure(config, model)
     device = config.resolved_device()
+    train_problems, eval_problems = _problems(config)  # bad data fails before the model loads
     if model is None:
         from ..models import load
 
@@ -212,7 +213,6 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
         raise ValueError("build_trainer: a model given without its tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_problems, eval_problems = _problems(config)
     if config.finetune == "lora":
         model = _apply_lora(config, model)
 

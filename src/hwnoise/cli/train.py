@@ -1,0 +1,101 @@
+"""`hwnoise train`: GRPO/DAPO fine-tuning under emulated hardware, from a YAML config."""
+# ruff: noqa: B008  (typer declares options as argument defaults)
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from .common import _fail, _quiet_third_party_logs, app, console, progress_bar
+
+
+@app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def train_command(
+    config: Path = typer.Argument(None, help="YAML config (see examples/); every key is a TrainConfig field."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=6 aqn.sigma_start=0.02 "
+                                          "lora.targets=q_proj,v_proj emulation.weight_format=null."),
+    resume: str = typer.Option(None, "--resume", help="Continue from a checkpoint directory, or 'latest' (the "
+                               "newest checkpoint-N in run_dir): AQN schedule, data order, optimizer, RNG."),
+    run_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (overrides run_dir in the config)."),
+    keys: bool = typer.Option(False, "--keys", help="List every config key with its help text and exit."),
+) -> None:
+    """Fine-tune with GRPO/DAPO (TRL) while rollouts run under an emulated format or noise, with AQN."""
+    from ..rl import ConfigError, TrainConfig
+
+    if keys:
+        for key, text in TrainConfig.keys().items():
+            console.print(f"[bold]{key}[/]: {text}")
+        return
+    if config is None:
+        _fail("give a config file: hwnoise train CONFIG.yaml [key=value ...] (examples/ holds some)")
+    items = list(overrides or [])
+    if run_dir is not None:
+        items.append(f"run_dir={run_dir}")
+    try:
+        cfg = TrainConfig.from_yaml(config, items).validate()
+        from ..rl.run import _resolve_resume, check_model_structure
+
+        _resolve_resume(resume, cfg.run_dir)
+        check_model_structure(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+    import transformers
+
+    from ..rl import train
+
+    _quiet_third_party_logs()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    evals = []
+
+    with progress_bar(transient=False) as progress:
+        task = progress.add_task("loading model ...", total=None)
+        last: dict = {}
+
+        def on_eval(step, report):
+            clean = report.clean
+            evals.append((step, clean.accuracy("strict"), clean.accuracy("flexible"), len(report.problems)))
+
+        def hook(trainer):
+            from transformers import TrainerCallback
+
+            class Progress(TrainerCallback):
+                def on_train_begin(self, args, state, control, **kwargs):
+                    progress.update(task, total=state.max_steps, completed=state.global_step, description="training")
+
+                def on_log(self, args, state, control, logs=None, **kwargs):
+                    last.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+
+                def on_step_end(self, args, state, control, **kwargs):
+                    parts = [f"step {state.global_step}"]
+                    if "reward" in last:
+                        parts.append(f"reward {last['reward']:.3f}")
+                    if "aqn/sigma" in last:
+                        parts.append(f"sigma {last['aqn/sigma']:.2g}")
+                    if evals:
+                        parts.append(f"eval {100 * evals[-1][1]:.1f} %")
+                    progress.update(task, completed=state.global_step, description=" | ".join(parts))
+
+            trainer.add_callback(Progress())
+
+        try:
+            out = train(cfg, resume=resume, on_eval=on_eval, trainer_hook=hook)
+        except ConfigError as exc:
+            _fail(str(exc))
+        except (FileNotFoundError, OSError, ValueError) as exc:  # model or data that cannot be read
+            _fail(str(exc))
+    from rich.table import Table
+
+    if evals:
+        table = Table(title="Held-out accuracy (clean weights)")
+        for col in ("step", "strict %", "flexible %", "n"):
+            table.add_column(col, justify="right")
+        for step, strict, flexible, n in evals:
+            table.add_row(str(step), f"{100 * strict:.1f}", f"{100 * flexible:.1f}", str(n))
+        console.print(table)
+    console.print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {out}/ (run.json, evals.jsonl, "
+                  f"hwnoise_config.yaml, tensorboard/)")
