@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import formats, scan  # noqa: F401  (registers the commands)
+from . import eval, formats, report, scan, train  # noqa: F401  (registers the commands)
 from .common import app, console
 
 __all__ = ["app", "console"]
