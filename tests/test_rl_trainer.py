@@ -56,6 +56,12 @@ def tiny_config(tmp_path, name="run", **overrides):
     return TrainConfig.from_dict(data)
 
 
+def varied_reward(completions, **kwargs):
+    """A deterministic reward that differs between completions, so advantages (and gradients) are nonzero
+    even for a random model that never answers correctly."""
+    return [float(len(str(c)) % 7) for c in completions]
+
+
 def snapshot(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -189,7 +195,7 @@ def _traced_run(tokenizer, tmp_path, name, stop_at=None, resume=None):
     def record(prompts, completions, id, **kwargs):
         step = holder["trainer"].state.global_step
         trace.append(("batch", step, tuple(id), tuple(str(c) for c in completions)))
-        return [0.0] * len(completions)
+        return varied_reward(completions)
 
     norm = model.model.layers[0].post_attention_layernorm
 
@@ -231,5 +237,48 @@ def test_resume_at_step_3_replays_sigma_noise_and_data_order(tokenizer, tmp_path
     # Problem ids, sampled completions and the AQN draw of each step: the resumed run is the same run.
     assert first + second == whole
     assert len({entry[2] for entry in whole if entry[0] == "batch"}) > 1  # the batches do differ
+    start = snapshot(tiny_model(tokenizer))
+    assert any(not torch.equal(value, start[name]) for name, value in whole_params.items())  # it did train
     for name, value in whole_params.items():
         assert torch.equal(value, split_params[name]), name
+
+
+def test_lora_trains_only_the_adapters_under_mxfp4_rollouts_and_aqn(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    before = snapshot(model)
+    config = tiny_config(tmp_path, steps=2, finetune="lora", lora__rank=4, lora__targets=["q_proj", "v_proj"],
+                         aqn__enabled=True, aqn__schedule="constant", aqn__sigma_start=0.05,
+                         emulation__weight_format="mxfp4", algorithm__learning_rate=1e-2)
+    holder = {}
+    run_dir = train(config, model=model, tokenizer=tokenizer, reward_funcs=[varied_reward],
+                    trainer_hook=lambda t: holder.update(trainer=t))
+    peft_model = holder["trainer"].model
+    adapters = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert any(not torch.equal(p.detach(), torch.zeros_like(p)) for n, p in adapters.items() if "lora_B" in n)
+    # The base weights (norms included) are frozen, and no AQN noise or quantized copy is left on them.
+    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+            for n, p in peft_model.named_parameters() if "lora_" not in n}
+    assert set(base) == set(before)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in base.items())
+    history = json.loads((run_dir / "run.json").read_text())["log_history"]
+    quantized = [h["rollout/weights_quantized"] for h in history if "rollout/weights_quantized" in h]
+    assert quantized == [14, 14]  # the base linears of both layers; the adapters stay in full precision
+    assert [h["aqn/sigma"] for h in history if "aqn/sigma" in h] == [0.05, 0.05]
+
+
+def test_training_phase_noise_reaches_the_loss_forward_and_its_backward(tokenizer, tmp_path):
+    model = tiny_model(tokenizer)
+    phases = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: phases.append(current_phase()))
+    config = tiny_config(tmp_path, steps=2, emulation__noise="relative", emulation__noise_scale=0.05,
+                         emulation__noise_phase="training", algorithm__gradient_checkpointing=False)
+    run_dir = train(config, model=model, tokenizer=tokenizer)
+    handle.remove()
+    assert {"rollout", "training"} <= set(phases)
+    history = json.loads((run_dir / "run.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 2
+    assert all(h["training/noisy_op_calls"] > 0 for h in steps)  # the loss forward went through noisy ops
+    assert not any("rollout/noisy_op_calls" in h for h in steps)  # training-only: rollouts are clean

@@ -23,9 +23,10 @@ def train_command(
 ) -> None:
     """Fine-tune with GRPO/DAPO (TRL) while rollouts run under an emulated format or noise, with AQN."""
     from ..rl import ConfigError, TrainConfig
+    from ..rl.run import preflight
 
     if keys:
-        for key, text in TrainConfig.keys().items():
+        for key, text in TrainConfig.fields_help().items():
             console.print(f"[bold]{key}[/]: {text}")
         return
     if config is None:
@@ -34,11 +35,8 @@ def train_command(
     if run_dir is not None:
         items.append(f"run_dir={run_dir}")
     try:
-        cfg = TrainConfig.from_yaml(config, items).validate()
-        from ..rl.run import _resolve_resume, check_model_structure
-
-        _resolve_resume(resume, cfg.run_dir)
-        check_model_structure(cfg)
+        cfg = TrainConfig.from_yaml(config, items)
+        preflight(cfg, resume)  # before any weight loads
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -61,7 +59,17 @@ def train_command(
             evals.append((step, clean.accuracy("strict"), clean.accuracy("flexible"), len(report.problems)))
 
         def hook(trainer):
-            from transformers import TrainerCallback
+            from transformers import PrinterCallback, TrainerCallback
+
+            def describe(state):
+                parts = [f"step {state.global_step}"]
+                if "reward" in last:
+                    parts.append(f"reward {last['reward']:.3f}")
+                if "aqn/sigma" in last:
+                    parts.append(f"sigma {last['aqn/sigma']:.2g}")
+                if evals:
+                    parts.append(f"eval {100 * evals[-1][1]:.1f} %")
+                progress.update(task, completed=state.global_step, description=" | ".join(parts))
 
             class Progress(TrainerCallback):
                 def on_train_begin(self, args, state, control, **kwargs):
@@ -69,17 +77,12 @@ def train_command(
 
                 def on_log(self, args, state, control, logs=None, **kwargs):
                     last.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+                    describe(state)
 
                 def on_step_end(self, args, state, control, **kwargs):
-                    parts = [f"step {state.global_step}"]
-                    if "reward" in last:
-                        parts.append(f"reward {last['reward']:.3f}")
-                    if "aqn/sigma" in last:
-                        parts.append(f"sigma {last['aqn/sigma']:.2g}")
-                    if evals:
-                        parts.append(f"eval {100 * evals[-1][1]:.1f} %")
-                    progress.update(task, completed=state.global_step, description=" | ".join(parts))
+                    describe(state)
 
+            trainer.remove_callback(PrinterCallback)  # the progress line replaces the raw log dicts
             trainer.add_callback(Progress())
 
         try:

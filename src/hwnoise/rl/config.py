@@ -216,7 +216,7 @@ class TrainConfig:
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def keys(cls) -> dict[str, str]:
+    def fields_help(cls) -> dict[str, str]:
         """``{dotted key: help}`` for every settable field, in declaration order."""
         return {key: spec["help"] for key, spec in _leaf_fields(cls).items()}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "latest_checkpoint", "train"]
+__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "latest_checkpoint", "preflight", "train"]
 
 CONFIG_FILE = "hwnoise_config.yaml"
 RUN_FILE = "run.json"
@@ -131,7 +131,7 @@ def _dataset(problems, tokenizer):
     ])
 
 
-def _grpo_config(config: TrainConfig, device: str):
+def _grpo_config(config: TrainConfig, device: str, **extra):
     from trl import GRPOConfig
 
     a, log = config.algorithm, config.logging
@@ -172,6 +172,7 @@ def _grpo_config(config: TrainConfig, device: str):
         vllm_mode=config.vllm_mode,
         vllm_importance_sampling_correction=config.vllm_importance_sampling_correction,
         disable_tqdm=True,
+        **extra,
     )
 
 
@@ -194,12 +195,13 @@ def _apply_lora(config: TrainConfig, model):
 
 
 def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_funcs=(), callbacks=(),
-                  on_eval=None):
+                  on_eval=None, grpo_args=None):
     """A ``HwnoiseGRPOTrainer`` for ``config`` (validated here, before anything loads).
 
     model / tokenizer: use these instead of loading ``config.model`` (tests pass tiny models).
     reward_funcs: extra TRL reward functions after hwnoise's correctness reward. callbacks: extra
     TrainerCallbacks. on_eval(step, EvalReport): called after each periodic evaluation.
+    grpo_args: extra ``trl.GRPOConfig`` fields the TrainConfig does not cover (e.g. generation_kwargs).
     """
     config.validate()
     check_model_structure(config, model)
@@ -225,7 +227,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     trainer = HwnoiseGRPOTrainer(
         model=model,
         reward_funcs=[correctness_reward(config.reward.mode, config.reward.format_bonus), *reward_funcs],
-        args=_grpo_config(config, device),
+        args=_grpo_config(config, device, **(grpo_args or {})),
         train_dataset=_dataset(train_problems, tokenizer),
         processing_class=tokenizer,
         callbacks=list(callbacks),
@@ -274,6 +276,36 @@ def _resolve_resume(resume, run_dir) -> str | None:
     return str(resume)
 
 
+def preflight(config: TrainConfig, resume=None, model=None) -> str | None:
+    """Every check that needs no weights: the config, the checkpoint to resume (returned; None for a
+    fresh run) and its config, LoRA targets and multiplier layers against the model's structure."""
+    config.validate()
+    checkpoint = _resolve_resume(resume, Path(config.run_dir))
+    if checkpoint is not None:
+        _check_resume_config(config, Path(config.run_dir))
+    check_model_structure(config, model)
+    return checkpoint
+
+
+# Settings a resumed run may change: where and how it reports. Everything else shapes the schedule,
+# the data order or the model, and must match the run being resumed.
+_RESUME_MAY_CHANGE = ("run_dir", "logging.", "eval.")
+
+
+def _check_resume_config(config: TrainConfig, run_dir: Path) -> None:
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    saved = TrainConfig.from_yaml(saved_path)
+    current = {k: config._get(k) for k in TrainConfig.fields_help()}
+    before = {k: saved._get(k) for k in TrainConfig.fields_help()}
+    changed = [f"{k}: {before[k]!r} -> {current[k]!r}" for k in current
+               if current[k] != before[k] and not k.startswith(_RESUME_MAY_CHANGE)]
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run being resumed ({saved_path}), so the AQN "
+                          f"schedule or the data order would not continue: " + "; ".join(changed))
+
+
 def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, reward_funcs=(), callbacks=(),
           on_eval=None, trainer_hook=None) -> Path:
     """Train; return the run directory. ``resume``: a checkpoint directory or "latest".
@@ -285,10 +317,8 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
     from ..report import atomic_write_json, atomic_write_text
     from .callbacks import read_evals
 
-    config.validate()
     run_dir = Path(config.run_dir)
-    checkpoint = _resolve_resume(resume, run_dir)
-    check_model_structure(config, model)
+    checkpoint = preflight(config, resume, model)
     t0 = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, reward_funcs=reward_funcs, callbacks=callbacks,
                             on_eval=on_eval)
