@@ -90,3 +90,41 @@ def test_settings_from_options():
         "absolute:1e-3@input"]
     assert settings_from_options("0.1", "output", "absolute", None, None, None) == ["clean", "absolute:0.1@output"]
     assert settings_from_options(None, "ops", "relative", None, None, ["clean"]) == ["clean"]
+
+
+def test_sigkill_halfway_then_rerun_gives_the_uninterrupted_results(model_dir, tmp_path):
+    """A real kill (SIGKILL of the CLI process as soon as some records are on disk), then a rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [model_dir, "--data", "arith", "--n", 8, "--noise", "0,0.1,0.3", "--max-new-tokens", 24,
+            "--batch-size", 2]
+    killed = tmp_path / "killed"
+    code = "import sys; from hwnoise.cli import app; sys.argv[0] = 'hwnoise'; app()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "eval", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    records = killed / "records.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = records.read_bytes().count(b"\n")
+    assert 3 <= done < 8 * 3 and not (killed / "eval.json").exists()
+
+    result, _ = run(*args, "--out", killed)
+    assert result.exit_code == 0, result.output
+    full = tmp_path / "full"
+    result, _ = run(*args, "--out", full)
+    assert result.exit_code == 0, result.output
+    assert sorted(records.read_text().splitlines()) == sorted((full / "records.jsonl").read_text().splitlines())
+    a, b = (json.loads((d / "eval.json").read_text()) for d in (killed, full))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
