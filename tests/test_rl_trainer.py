@@ -19,6 +19,16 @@ from hwnoise.rl.callbacks import EvalCallback, StopAtStep, read_evals
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine, 2-thread OpenMP regions oversubscribe and
+    generation slowed ~30x (67 s vs 2 s for 4 x 16 tokens of the bundled model)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     import hwnoise.models
@@ -154,6 +164,11 @@ def test_noise_and_emulation_only_during_generation(tokenizer, tmp_path, monkeyp
     evals = read_evals(run_dir)
     assert [e["step"] for e in evals] == [0, 2]
     assert [s["spec"] for s in evals[-1]["report"]["settings"]] == ["clean", "weights:mxfp4"]
+    assert (run_dir / "evals" / "step-000002" / "records.jsonl").is_file()  # per-problem, for paired reports
+    from hwnoise.report.runs import summarize_runs
+
+    row = summarize_runs([run_dir])["runs"][0]  # `hwnoise report` reads what train wrote
+    assert row["status"] == "finished" and row["steps"] == 2 and row["evals"] == 2
     logged = [h for h in run["log_history"] if "aqn/sigma" in h]
     assert [h["aqn/sigma"] for h in logged] == [0.05, 0.05]
     assert all(h["aqn/effective_std"] > 0.04 for h in logged)
@@ -282,3 +297,15 @@ def test_training_phase_noise_reaches_the_loss_forward_and_its_backward(tokenize
     assert len(steps) == 2
     assert all(h["training/noisy_op_calls"] > 0 for h in steps)  # the loss forward went through noisy ops
     assert not any("rollout/noisy_op_calls" in h for h in steps)  # training-only: rollouts are clean
+
+
+def test_epoch_aware_aqn_restarts_its_schedule_each_epoch(tokenizer, tmp_path):
+    # 4 problems, 1 prompt (2 completions) per step: 4 steps per epoch, 2 epochs.
+    config = tiny_config(tmp_path, steps=None, epochs=2, data__n_train=4, aqn__enabled=True,
+                         aqn__schedule="epoch_aware", aqn__stages=2, aqn__sigma_start=0.04, aqn__sigma_end=0.01)
+    run_dir = train(config, model=tiny_model(tokenizer), tokenizer=tokenizer)
+    history = json.loads((run_dir / "run.json").read_text())["log_history"]
+    sigmas = [h["aqn/sigma"] for h in history if "aqn/sigma" in h]
+    schedule = hwnoise.aqn.EpochAwareDecay(0.04, 0.01, stages_per_epoch=2)
+    assert sigmas == pytest.approx([schedule.sigma_at(s, 8, 4) for s in range(8)])
+    assert sigmas == pytest.approx([0, 0, 0.04, 0.04, 0, 0, 0.02, 0.02])  # each epoch opens at sigma 0

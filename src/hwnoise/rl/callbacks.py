@@ -2,7 +2,8 @@
 
 ``EvalCallback`` runs ``hwnoise.evaluate`` on held-out problems every ``every`` optimizer steps and
 at the last step (the weights are clean then: AQN and the rollout emulation live only inside
-generation), appends ``{"step": s, "report": EvalReport.to_json()}`` to ``RUN_DIR/evals.jsonl`` and
+generation), keeps the per-problem records in ``RUN_DIR/evals/step-NNNNNN/`` (what `hwnoise report`
+pairs runs on), appends ``{"step": s, "report": EvalReport.to_json()}`` to ``RUN_DIR/evals.jsonl`` and
 logs ``eval/accuracy_strict``, ``eval/accuracy_flexible`` (and ``eval/<setting>/...`` for the other
 settings) through TRL's metrics, so TensorBoard gets them at that step.
 """
@@ -32,7 +33,8 @@ class EvalCallback(TrainerCallback):
     """Evaluate on held-out problems at ``every`` steps (0: only the last), at the end, optionally at start."""
 
     def __init__(self, trainer, tokenizer, problems, settings, run_dir, *, every: int = 0, at_start: bool = False,
-                 batch_size: int = 8, max_new_tokens: int = 256, seed: int = 0, on_eval=None):
+                 batch_size: int = 8, max_new_tokens: int = 256, seed: int = 0, on_eval=None,
+                 model_name: str | None = None, data_name: str | None = None):
         self.trainer = trainer
         self.tokenizer = tokenizer
         self.problems = list(problems)
@@ -44,6 +46,7 @@ class EvalCallback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.on_eval = on_eval  # on_eval(step, report): progress display
+        self.model_name, self.data_name = model_name, data_name
 
     def evaluate(self, step: int) -> dict:
         from ..eval import evaluate
@@ -52,10 +55,14 @@ class EvalCallback(TrainerCallback):
         aqn = getattr(self.trainer, "aqn", None)
         if aqn is not None and aqn.applied:  # cannot happen through the trainer; never evaluate noisy weights
             raise RuntimeError("AQN noise is applied at evaluation time; the rollout did not restore it")
+        main = self.trainer.is_world_process_zero()
+        # overwrite: a resumed run that evaluates a step again recomputes it rather than trusting old records.
         report = evaluate(model, self.tokenizer, self.problems, self.settings, batch_size=self.batch_size,
-                          max_new_tokens=self.max_new_tokens, seed=self.seed)
+                          max_new_tokens=self.max_new_tokens, seed=self.seed,
+                          out=self.run_dir / "evals" / f"step-{step:06d}" if main else None, overwrite=True,
+                          model_name=self.model_name, data_name=self.data_name)
         data = report.to_json()
-        if self.trainer.is_world_process_zero():
+        if main:
             with open(self.run_dir / EVALS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "report": data}) + "\n")
                 f.flush()

@@ -190,6 +190,9 @@ class TrainConfig:
     finetune: str = _field("full", "'full' fine-tuning or 'lora' (see the lora section).",
                            choices=FINETUNE_MODES)
     device: str = _field("auto", "'auto' (CUDA when present), 'cpu' or 'cuda'.", choices=DEVICES)
+    threads: int | None = _field(None, "torch CPU threads (null: torch's default). On a machine shared with "
+                                 "other jobs use 1: oversubscribed OpenMP regions slowed CPU generation ~30x "
+                                 "in our measurement.")
     bf16: bool | None = _field(None, "bf16 mixed precision (null: on CUDA with bf16 support, off on CPU).")
     use_vllm: bool = _field(False, "Generate with vLLM (GPU only). Weight-side emulation only: AQN and the "
                             "weight format are applied to the training model before TRL's weight sync, so "
@@ -318,6 +321,8 @@ class TrainConfig:
         # Length and count checks.
         if (self.steps is None) == (self.epochs is None):
             add(f"give exactly one of steps and epochs (steps={self.steps}, epochs={self.epochs})")
+        if self.threads is not None and self.threads < 1:
+            add(f"threads must be >= 1 or null; got {self.threads}")
         for key in ("steps", "epochs"):
             value = self._get(key)
             if value is not None and value < 1:

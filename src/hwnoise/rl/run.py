@@ -9,7 +9,6 @@ the way out ``train`` still checks that no AQN noise is left on the weights.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -176,15 +175,6 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
     )
 
 
-def _steps_per_epoch(config: TrainConfig, n_train: int) -> int | None:
-    """Optimizer steps per pass over the training problems (for epoch-aware AQN), as TRL counts them."""
-    if config.epochs is None:
-        return None
-    a = config.algorithm
-    prompts_per_step = a.batch_size * a.gradient_accumulation_steps // a.num_generations
-    return max(1, math.ceil(n_train / prompts_per_step))
-
-
 def _apply_lora(config: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
@@ -206,6 +196,10 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     config.validate()
     check_model_structure(config, model)
     device = config.resolved_device()
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
     train_problems, eval_problems = _problems(config)  # bad data fails before the model loads
     if model is None:
         from ..models import load
@@ -235,7 +229,6 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
         rollout_emulation=_emulation(config, "rollout"),
         training_emulation=_emulation(config, "training"),
         emulation_seed=config.seed,
-        steps_per_epoch=_steps_per_epoch(config, len(train_problems)),
     )
     from transformers.integrations import TensorBoardCallback
 
@@ -248,7 +241,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     trainer.add_callback(EvalCallback(
         trainer, tokenizer, eval_problems, settings, run_dir, every=config.eval.every, at_start=config.eval.at_start,
         batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, seed=config.eval_seed,
-        on_eval=on_eval,
+        on_eval=on_eval, model_name=config.model, data_name=config.data.eval or config.data.train,
     ))
     trainer.hwnoise_config = config
     trainer.eval_problems = eval_problems

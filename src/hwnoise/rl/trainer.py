@@ -35,7 +35,9 @@ class HwnoiseGRPOTrainer(GRPOTrainer):
     aqn: an ``hwnoise.AQN`` (its schedule gives sigma per global step) or None.
     rollout_emulation / training_emulation: ``hwnoise.inject.Emulation`` or None (clean).
     emulation_seed: every draw is keyed by (emulation_seed, global step), so a resumed run replays
-    the noise an uninterrupted one drew. steps_per_epoch: for epoch-aware AQN schedules.
+    the noise an uninterrupted one drew. steps_per_epoch: for epoch-aware AQN schedules; None: taken
+    from the trainer (optimizer steps per pass over the data, as transformers counts them) when
+    training by epochs.
     """
 
     def __init__(self, *args, aqn=None, rollout_emulation: Emulation | None = None,
@@ -47,7 +49,16 @@ class HwnoiseGRPOTrainer(GRPOTrainer):
         self.training_emulation = (None if training_emulation is None or training_emulation.is_clean
                                    else training_emulation)
         self.emulation_seed = emulation_seed
-        self.steps_per_epoch = steps_per_epoch
+        self._steps_per_epoch = steps_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        if self._steps_per_epoch is not None:
+            return self._steps_per_epoch
+        if self.args.max_steps > 0:  # trained by steps: no epochs to restart in
+            return None
+        # transformers sets max_steps = ceil(epochs * update steps per epoch); epochs are whole here.
+        return -(-self.state.max_steps // round(self.args.num_train_epochs))
 
     # -- rollout ---------------------------------------------------------------------------------
 
