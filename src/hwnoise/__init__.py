@@ -2,12 +2,13 @@
 
 from . import errors, formats, metrics
 from .aqn import AQN
+from .eval import EvalReport, evaluate
 from .formats import quantize
-from .inject import inject, noisy_ops, phase
+from .inject import Emulation, inject, noisy_ops, phase
 from .scan import ScanReport, scan, scan_faults
 
 __version__ = "0.1.0"
 __all__ = [
-    "AQN", "ScanReport", "errors", "formats", "inject", "metrics", "noisy_ops", "phase", "quantize",
-    "scan", "scan_faults", "__version__",
+    "AQN", "Emulation", "EvalReport", "ScanReport", "errors", "evaluate", "formats", "inject", "metrics",
+    "noisy_ops", "phase", "quantize", "scan", "scan_faults", "__version__",
 ]
