@@ -10,6 +10,7 @@ import pytest
 
 from hwnoise.eval import (
     compare,
+    exact_conditional_interval,
     mcnemar_exact,
     n_needed,
     paired_bootstrap,
@@ -83,37 +84,72 @@ def test_bootstrap_is_seeded_and_degenerate_cases_are_points():
         paired_bootstrap([1, 0], [1])
 
 
-@pytest.mark.parametrize("interval,expected", [
-    ((-0.5, 0.8), "robust"),
-    ((-9.0, -2.0), "robust"),  # the setting helps: the whole interval is below 1 pt
-    ((1.0, 3.0), "moderate"),
-    ((1.2, 2.8), "moderate"),
-    ((3.5, 9.0), "not robust"),
+@pytest.mark.parametrize("interval,n,b,c,expected", [
+    ((-0.5, 0.8), 5000, 10, 10, "robust"),
+    ((-9.0, -2.0), 1000, 5, 60, "robust"),  # the setting helps: the whole interval is below 1 pt
+    ((1.0, 3.0), 5000, 150, 50, "moderate"),
+    ((1.2, 2.8), 5000, 150, 50, "moderate"),
+    ((3.5, 9.0), 1000, 80, 20, "not robust"),
 ])
-def test_class_when_the_interval_supports_it(interval, expected):
-    drop = sum(interval) / 2
-    cls, need, reason = robustness_class(drop, interval, 500, discordant=40)
+def test_class_when_both_intervals_support_it(interval, n, b, c, expected):
+    exact = exact_conditional_interval(b, c, n)
+    drop = 100 * (b - c) / n
+    assert exact[0] <= drop <= exact[1]
+    cls, need, reason = robustness_class(drop, interval, n, b, c)
     assert (cls, need) == (expected, None)
     assert expected in reason
+
+
+def test_exact_conditional_interval_matches_clopper_pearson():
+    # b = 5, c = 0: pi's Clopper-Pearson interval is [0.025^(1/5), 1]; the drop is (5 / 64) (2 pi - 1)
+    low, high = exact_conditional_interval(5, 0, 64)
+    assert low == pytest.approx(100 * 5 / 64 * (2 * 0.025 ** (1 / 5) - 1), abs=1e-9)
+    assert high == pytest.approx(100 * 5 / 64, abs=1e-9)
+    assert exact_conditional_interval(0, 0, 64) is None
+
+
+def test_few_discordant_pairs_are_not_a_finding():
+    """b = 5, c = 0 of 64: the bootstrap interval lies above 3 pts, but the exact McNemar test cannot
+    reject 'no change' (p = 2 / 32); the class must not be stated."""
+    clean = np.zeros(64, dtype=bool)
+    clean[:6] = True
+    noisy = clean.copy()
+    noisy[:5] = False
+    boot = paired_bootstrap(clean, noisy, seed=0)
+    assert boot[0] > 3  # the bootstrap alone would say "not robust"
+    result = compare("relative:0.2@ops", clean, noisy, seed=0)
+    assert result.mcnemar_p == pytest.approx(0.0625)
+    assert result.robustness == "inconclusive" and result.n_needed > 64
+    assert "exact interval spans" in result.reason
+    # one problem that improved out of 64 is not evidence of robustness either
+    one = compare("x", noisy, np.where(np.arange(64) == 10, True, noisy), seed=0)
+    assert (one.b, one.c, one.robustness) == (0, 1, "inconclusive")
 
 
 def test_inconclusive_with_n_needed():
     # drop 1.5 pts, interval [0.5, 2.5] over 100 problems: half-width 1, nearest boundary 0.5 away,
     # so n' > 100 * (1 / 0.5)^2 = 400.
-    cls, need, reason = robustness_class(1.5, (0.5, 2.5), 100, discordant=12)
-    assert (cls, need) == ("inconclusive", 401)
-    assert "401" in reason
+    assert n_needed(1.5, (0.5, 2.5), 100) == 401
     # drop 5 pts, interval [-1, 11] at n=64: half 6, distance to 3 is 2: n' > 64 * 9 = 576
     assert n_needed(5.0, (-1.0, 11.0), 64) == 577
     # at n_needed the scaled half-width is below the distance, one fewer it is not
     half, delta = 6.0, 2.0
     assert half * math.sqrt(64 / 577) < delta <= half * math.sqrt(64 / 576)
+    # robustness_class scales the hull of the bootstrap and the exact interval
+    b, c, n = 32, 18, 400
+    drop, boot = 100 * (b - c) / n, (0.5, 5.5)
+    exact = exact_conditional_interval(b, c, n)
+    hull = (min(boot[0], exact[0]), max(boot[1], exact[1]))
+    cls, need, reason = robustness_class(drop, boot, n, b, c)
+    assert cls == "inconclusive" and need == n_needed(drop, hull, n)
+    assert need == math.floor(n * ((hull[1] - hull[0]) / 2 / abs(drop - 3)) ** 2) + 1
+    assert str(need) in reason
 
 
 def test_inconclusive_not_determinable():
-    cls, need, reason = robustness_class(1.0, (-1.0, 3.0), 100, discordant=8)  # drop on a boundary
+    cls, need, reason = robustness_class(1.0, (-1.0, 3.0), 100, 5, 4)  # drop on a boundary
     assert (cls, need) == ("inconclusive", None) and "not determinable" in reason
-    cls, need, reason = robustness_class(0.0, (0.0, 0.0), 100, discordant=0)  # nothing to scale
+    cls, need, reason = robustness_class(0.0, (0.0, 0.0), 100, 0, 0)  # nothing to scale
     assert (cls, need) == ("inconclusive", None) and "no discordant pairs" in reason
 
 

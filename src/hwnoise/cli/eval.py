@@ -108,11 +108,12 @@ def eval_command(
         from ..models import DEFAULT_MODEL_NOTE
 
         report.note = DEFAULT_MODEL_NOTE
-    console.print(report.to_table())
+    # Piped or logged output gets 80 columns from rich: too narrow for eight columns of numbers.
+    console.print(report.to_table(), width=None if console.is_terminal else max(console.width, 150))
     for c in report.to_json()["comparisons"]:
         console.print(f"{c['label']}: {c['reason']}")
     wall = time.perf_counter() - t0
-    console.print(f"evaluated in {wall:.1f} s (generation: " +
+    console.print(f"evaluated in {wall:.1f} s (generation in this run, records already in {out} skipped: " +
                   ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + ")")
     if report.note:
         console.print(f"[dim]{report.note}[/]")

@@ -21,6 +21,7 @@ from .report import METRICS, EvalReport, SettingResult
 from .stats import (
     Comparison,
     compare,
+    exact_conditional_interval,
     mcnemar_exact,
     n_needed,
     paired_bootstrap,
@@ -30,6 +31,6 @@ from .stats import (
 
 __all__ = [
     "METRICS", "RECORDS_FILE", "RUN_FILE", "Comparison", "EvalReport", "SettingResult", "build_prompts",
-    "check_problems", "compare", "evaluate", "generate_greedy", "mcnemar_exact", "n_needed", "paired_bootstrap",
+    "check_problems", "compare", "evaluate", "exact_conditional_interval", "generate_greedy", "mcnemar_exact", "n_needed", "paired_bootstrap",
     "parse_settings", "read_records", "robustness_class", "wilson_interval",
 ]

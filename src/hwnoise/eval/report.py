@@ -66,7 +66,7 @@ class EvalReport:
     max_new_tokens: int
     metric: str
     settings: list[SettingResult]
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # generation time per setting in this call
     note: str | None = None
 
     @property
@@ -91,7 +91,7 @@ class EvalReport:
             primary = by_metric[self.metric][s.spec]
             comparisons.append({
                 "setting": s.spec, "label": s.label, "metric": self.metric,
-                **{k: primary[k] for k in ("difference", "drop", "drop_ci", "mcnemar_p", "b", "c", "robustness",
+                **{k: primary[k] for k in ("difference", "drop", "drop_ci", "exact_drop_ci", "mcnemar_p", "b", "c", "robustness",
                                            "n_needed", "reason")},
                 "by_metric": {m: by_metric[m][s.spec] for m in METRICS},
             })

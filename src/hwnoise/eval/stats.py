@@ -7,8 +7,11 @@
   kinds are equally likely, so p is the two-sided binomial test of b successes in b + c trials at 1/2.
 - ``paired_bootstrap(clean, other)``: 95 % bootstrap interval (BCa, ``scipy.stats.bootstrap`` with
   ``paired=True`` and a fixed seed) of the accuracy drop clean - other, in points.
-- ``robustness_class(drop, interval, n, discordant)``: the class of the drop, stated only when the
-  whole interval lies in one class, else "inconclusive" with the number of problems that would settle it.
+- ``exact_conditional_interval(b, c, n)``: the drop's interval from the Clopper-Pearson interval of
+  b / (b + c), consistent with the exact McNemar test.
+- ``robustness_class(drop, interval, n, b, c)``: the class of the drop, stated only when the whole
+  bootstrap interval and the whole exact interval lie in one class, else "inconclusive" with the
+  number of problems that would settle it.
 
 All accuracies and differences in this module's results are in points (percent of problems).
 """
@@ -28,6 +31,7 @@ __all__ = [
     "CONFIDENCE",
     "Comparison",
     "compare",
+    "exact_conditional_interval",
     "mcnemar_exact",
     "n_needed",
     "paired_bootstrap",
@@ -132,28 +136,57 @@ def n_needed(drop: float, interval: tuple[float, float], n: int) -> int | None:
     return max(math.floor(n * (half / delta) ** 2) + 1, n + 1)
 
 
-def robustness_class(drop: float, interval: tuple[float, float], n: int, discordant: int) -> tuple[str, int | None, str]:
-    """(class, n_needed, reason) of an accuracy drop (points) with its 95 % interval over n problems.
+def exact_conditional_interval(b: int, c: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Exact interval of the drop (points) given the discordant pairs: None when b + c = 0.
+
+    Given m = b + c discordant pairs, b ~ Binomial(m, pi) and the drop is (m / n) * (2 pi - 1). The
+    Clopper-Pearson interval of pi (``binomtest(b, m).proportion_ci(method="exact")``, the interval
+    that inverts the exact McNemar test) maps to an interval of the drop. It holds m fixed, but it
+    sees what the bootstrap cannot: with few discordant pairs, flips in the direction that happened
+    not to occur (the bootstrap only reshuffles the flips that did occur).
+    """
+    m = b + c
+    if m == 0:
+        return None
+    ci = stats.binomtest(int(b), int(m), 0.5).proportion_ci(confidence_level=confidence, method="exact")
+    scale = 100.0 * m / n
+    return scale * (2 * float(ci.low) - 1), scale * (2 * float(ci.high) - 1)
+
+
+def robustness_class(drop: float, interval: tuple[float, float], n: int, b: int, c: int) -> tuple[str, int | None, str]:
+    """(class, n_needed, reason) of an accuracy drop (points) with its 95 % bootstrap interval over n
+    problems, b and c being the discordant counts (b: right clean and wrong under the setting).
 
     "robust": the whole interval < 1 pt; "moderate": the whole interval within [1, 3]; "not robust":
-    the whole interval > 3. Anything else is "inconclusive", with ``n_needed`` (see ``n_needed``).
-    With no discordant pairs the bootstrap interval collapses to the single point 0, which says
-    nothing about how often the setting would flip an answer: that is "inconclusive" too, and
-    n_needed is not determinable.
+    the whole interval > 3. The class is stated only when the bootstrap interval AND the exact
+    conditional interval (``exact_conditional_interval``, consistent with the exact McNemar test) both
+    lie within it: with few discordant pairs the bootstrap interval is too narrow (b = 5, c = 0 of 64
+    gives a bootstrap interval above 3 pts while the exact test cannot even reject "no change",
+    p = 0.0625). Anything else is "inconclusive", with ``n_needed`` computed (see ``n_needed``) from the
+    hull of the two intervals. With no discordant pairs both intervals are empty of information
+    (every problem had the same outcome): "inconclusive", n_needed not determinable.
     """
-    low, high = interval
-    if discordant == 0:
+    if b + c == 0:
         return "inconclusive", None, ("no discordant pairs: every problem had the same outcome clean and under "
                                       "the setting, so the interval has no width; n_needed not determinable")
-    cls = _class_of_interval(low, high)
-    if cls is not None:
-        return cls, None, f"95 % interval [{low:.2f}, {high:.2f}] pts lies within the '{cls}' range"
-    need = n_needed(drop, interval, n)
+    low, high = interval
+    exact = exact_conditional_interval(b, c, n)
+    boot_cls, exact_cls = _class_of_interval(low, high), _class_of_interval(*exact)
+    text = f"95 % interval [{low:.2f}, {high:.2f}] pts (bootstrap), [{exact[0]:.2f}, {exact[1]:.2f}] (exact)"
+    if boot_cls is not None and boot_cls == exact_cls:
+        return boot_cls, None, f"{text}: both within the '{boot_cls}' range"
+    hull = (min(low, exact[0]), max(high, exact[1]))
+    need = n_needed(drop, hull, n)
+    if boot_cls is None:
+        why = "the bootstrap interval spans a class boundary"
+    else:
+        exact_says = "spans a class boundary" if exact_cls is None else f"says '{exact_cls}'"
+        why = f"the bootstrap interval says '{boot_cls}' but the exact interval {exact_says}"
     if need is None:
-        return "inconclusive", None, (f"95 % interval [{low:.2f}, {high:.2f}] pts spans a class boundary and the "
-                                      f"observed drop {drop:.2f} sits on one; n_needed not determinable")
-    return "inconclusive", need, (f"95 % interval [{low:.2f}, {high:.2f}] pts spans a class boundary; about "
-                                  f"{need} problems would separate the observed drop {drop:.2f} from it")
+        return "inconclusive", None, (f"{text}: {why}, and the observed drop {drop:.2f} sits on a boundary; "
+                                      "n_needed not determinable")
+    return "inconclusive", need, (f"{text}: {why}; about {need} problems would separate the observed drop "
+                                  f"{drop:.2f} from the nearest class boundary")
 
 
 @dataclass(frozen=True)
@@ -167,6 +200,7 @@ class Comparison:
     accuracy: float
     drop: float
     drop_ci: tuple[float, float]
+    exact_drop_ci: tuple[float, float] | None
     mcnemar_p: float
     b: int  # right clean, wrong under the setting
     c: int  # wrong clean, right under the setting
@@ -179,6 +213,7 @@ class Comparison:
             "setting": self.setting, "metric": self.metric, "n": self.n,
             "clean_accuracy": self.clean_accuracy, "accuracy": self.accuracy,
             "difference": -self.drop, "drop": self.drop, "drop_ci": list(self.drop_ci),
+            "exact_drop_ci": None if self.exact_drop_ci is None else list(self.exact_drop_ci),
             "mcnemar_p": self.mcnemar_p, "b": self.b, "c": self.c,
             "robustness": self.robustness, "n_needed": self.n_needed, "reason": self.reason,
         }
@@ -196,7 +231,7 @@ def compare(setting: str, clean, other, metric: str = "strict", seed: int = 0) -
     acc_clean, acc = 100.0 * x.mean(), 100.0 * y.mean()
     drop = float(acc_clean - acc)
     ci = paired_bootstrap(x, y, seed=seed)
-    cls, need, reason = robustness_class(drop, ci, n, b + c)
+    cls, need, reason = robustness_class(drop, ci, n, b, c)
     return Comparison(setting=setting, metric=metric, n=n, clean_accuracy=float(acc_clean), accuracy=float(acc),
-                      drop=drop, drop_ci=ci, mcnemar_p=mcnemar_exact(b, c), b=b, c=c, robustness=cls,
+                      drop=drop, drop_ci=ci, exact_drop_ci=exact_conditional_interval(b, c, n), mcnemar_p=mcnemar_exact(b, c), b=b, c=c, robustness=cls,
                       n_needed=need, reason=reason)

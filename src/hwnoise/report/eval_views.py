@@ -31,22 +31,22 @@ def table(data: dict):
     metric = data["metric"]
     t = Table(title=f"Robustness of {data['model']} on {data.get('data') or 'the problems'} "
                     f"(n = {data['n']}, seed {data['seed']}; class by the {metric} metric, points)")
-    for col in ("setting", "strict %", "95 % CI", "flexible %", "95 % CI", f"drop ({metric})", "95 % CI (bootstrap)",
-                "McNemar p", "b / c", "class", "tokens"):
+    for col in ("setting", "strict % [95 % CI]", "flexible % [95 % CI]", f"drop ({metric}) [95 % CI]", "McNemar p",
+                "b / c", "class", "tokens"):
         t.add_column(col, justify="left" if col in ("setting", "class") else "right")
     comparisons = {c["setting"]: c for c in data["comparisons"]}
     for s in data["settings"]:
-        cells = [s["label"], _pts(s["accuracy"]["strict"]), _ci(s["wilson_ci"]["strict"]),
-                 _pts(s["accuracy"]["flexible"]), _ci(s["wilson_ci"]["flexible"])]
+        cells = [s["label"], f"{_pts(s['accuracy']['strict'])} {_ci(s['wilson_ci']['strict'])}",
+                 f"{_pts(s['accuracy']['flexible'])} {_ci(s['wilson_ci']['flexible'])}"]
         c = comparisons.get(s["spec"])
         if c is None:
-            cells += ["-", "-", "-", "-", "(reference)"]
+            cells += ["-", "-", "-", "(reference)"]
         else:
             cls = c["robustness"]
             if cls == "inconclusive":
                 cls += f" (n ~ {c['n_needed']})" if c["n_needed"] else " (n not determinable)"
             style = {"robust": "green", "moderate": "yellow", "not robust": "red"}.get(c["robustness"], "dim")
-            cells += [f"{c['drop']:+.1f}", _ci(c["drop_ci"]), _p(c["mcnemar_p"]), f"{c['b']} / {c['c']}",
+            cells += [f"{c['drop']:+.1f} {_ci(c['drop_ci'])}", _p(c["mcnemar_p"]), f"{c['b']} / {c['c']}",
                       f"[{style}]{cls}[/]"]
         cells.append(f"{s['mean_generated_tokens']:.0f}")
         t.add_row(*cells)
@@ -102,11 +102,13 @@ def render_png(data: dict) -> bytes:
         for i, (name, settings) in enumerate(sorted(families.items())):
             points = sorted([clean | {"scale": 0.0}] + settings, key=lambda s: s["scale"])
             xs = [s["scale"] for s in points]
+            dodge = 0.006 * (max(xs) - min(xs) or 1.0)  # the two metrics' bars side by side, not on top
             for m, style in ((metric, "-"), (other, "--")):
+                shift = 0.0 if m == metric else dodge
                 ys = [s["accuracy"][m] for s in points]
                 lo = [s["accuracy"][m] - s["wilson_ci"][m][0] for s in points]
                 hi = [s["wilson_ci"][m][1] - s["accuracy"][m] for s in points]
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o" + style, capsize=3, color=f"C{i}",
+                ax.errorbar([x + shift for x in xs], ys, yerr=[lo, hi], fmt="o" + style, capsize=3, color=f"C{i}",
                             alpha=1.0 if m == metric else 0.5, label=f"{name} ({m})")
         if not families:
             for m, style in ((metric, "o"), (other, "s")):
