@@ -68,7 +68,7 @@ def train_command(
                 if "aqn/sigma" in last:
                     parts.append(f"sigma {last['aqn/sigma']:.2g}")
                 if evals:
-                    parts.append(f"eval {100 * evals[-1][1]:.1f} %")
+                    parts.append(f"eval {evals[-1][1]:.1f} %")
                 progress.update(task, completed=state.global_step, description=" | ".join(parts))
 
             class Progress(TrainerCallback):
@@ -98,7 +98,7 @@ def train_command(
         for col in ("step", "strict %", "flexible %", "n"):
             table.add_column(col, justify="right")
         for step, strict, flexible, n in evals:
-            table.add_row(str(step), f"{100 * strict:.1f}", f"{100 * flexible:.1f}", str(n))
+            table.add_row(str(step), f"{strict:.1f}", f"{flexible:.1f}", str(n))  # points already
         console.print(table)
     console.print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {out}/ (run.json, evals.jsonl, "
                   f"hwnoise_config.yaml, tensorboard/)")

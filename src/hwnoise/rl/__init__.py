@@ -7,7 +7,7 @@ only when a trainer is built, so reading and validating a config needs none of t
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["ConfigError", "TrainConfig", "build_trainer", "train"]
+__all__ = ["ConfigError", "HwnoiseGRPOTrainer", "TrainConfig", "build_trainer", "train"]
 
 
 def __getattr__(name):
@@ -15,4 +15,8 @@ def __getattr__(name):
         from . import run
 
         return getattr(run, name)
+    if name == "HwnoiseGRPOTrainer":
+        from .trainer import HwnoiseGRPOTrainer
+
+        return HwnoiseGRPOTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

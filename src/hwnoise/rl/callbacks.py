@@ -5,7 +5,8 @@ at the last step (the weights are clean then: AQN and the rollout emulation live
 generation), keeps the per-problem records in ``RUN_DIR/evals/step-NNNNNN/`` (what `hwnoise report`
 pairs runs on), appends ``{"step": s, "report": EvalReport.to_json()}`` to ``RUN_DIR/evals.jsonl`` and
 logs ``eval/accuracy_strict``, ``eval/accuracy_flexible`` (and ``eval/<setting>/...`` for the other
-settings) through TRL's metrics, so TensorBoard gets them at that step.
+settings) through TRL's metrics, so TensorBoard gets them at that step. Accuracies are in points
+(percent of problems), as everywhere in hwnoise's reports.
 """
 
 from __future__ import annotations
