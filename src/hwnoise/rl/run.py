@@ -230,6 +230,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
         training_emulation=_emulation(config, "training"),
         emulation_seed=config.seed,
     )
+    _refuse_sharded_parameters(trainer)
     from transformers.integrations import TensorBoardCallback
 
     for callback in trainer.callback_handler.callbacks:
@@ -246,6 +247,17 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     trainer.hwnoise_config = config
     trainer.eval_problems = eval_problems
     return trainer
+
+
+def _refuse_sharded_parameters(trainer) -> None:
+    """AQN and the weight format write / swap whole weights: not with parameters sharded across ranks."""
+    if trainer.aqn is None and trainer.rollout_emulation is None and trainer.training_emulation is None:
+        return
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    zero3 = plugin is not None and getattr(plugin, "zero_stage", None) == 3
+    if zero3 or getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError("AQN and hardware emulation need whole (unsharded) parameters on each rank; DeepSpeed "
+                          "ZeRO-3 and FSDP shard them. Use ZeRO-1/2 or DDP, or turn aqn and emulation off")
 
 
 def latest_checkpoint(run_dir) -> str | None:
