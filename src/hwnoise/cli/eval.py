@@ -51,6 +51,19 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
     return out
 
 
+def _print_wide(renderable, width: int = 150) -> None:
+    """Piped or logged output gets 80 columns from rich: too narrow for eight columns of numbers."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    saved = console.width
+    console.width = max(saved, width)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = saved
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model: 'default' (bundled SmolLM2-135M), an HF directory, a .gguf file or a hub id.")] = "default",
@@ -108,8 +121,7 @@ def eval_command(
         from ..models import DEFAULT_MODEL_NOTE
 
         report.note = DEFAULT_MODEL_NOTE
-    # Piped or logged output gets 80 columns from rich: too narrow for eight columns of numbers.
-    console.print(report.to_table(), width=None if console.is_terminal else max(console.width, 150))
+    _print_wide(report.to_table())
     for c in report.to_json()["comparisons"]:
         console.print(f"{c['label']}: {c['reason']}")
     wall = time.perf_counter() - t0
