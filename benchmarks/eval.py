@@ -10,17 +10,11 @@ alike; the table gives the median of the repeats and the ratio to plain ``model.
 - noisy: the same inside ``Emulation.parse("relative:0.05@ops").applied`` (every linear output
   perturbed by keyed Gaussian noise). Target: at least 0.8x plain.
 
-``--with-proposal`` adds a fourth row: the noisy run with ``hwnoise.inject.ops._noisy_call`` patched,
-in this process only, to take a direct eager path when nothing is compiled and no gradient is
-wanted (step counter and ``error.apply`` called from Python instead of through the two custom ops'
-dispatch). The draws are the same (bit-identical outputs); the row shows what that change to
-``ops.py`` would gain.
-
 Tokens per second count every computed position (rows x generated steps), so a row that stopped
 early at EOS while the batch went on still counts: that is the work the machine did.
 
 Run: python benchmarks/eval.py [--batch-size 8] [--max-new-tokens 64] [--repeats 3] [--setting relative:0.05@ops]
-     [--threads 1] [--with-proposal]
+     [--threads 1]
 """
 
 from __future__ import annotations
@@ -41,35 +35,6 @@ from hwnoise.inject import Emulation
 from hwnoise.models import load
 
 TARGET_RATIO = 0.8
-
-
-def proposed_eager_path():
-    """A context manager patching ``ops._noisy_call`` with the direct eager path proposed for ops.py."""
-    import contextlib
-    import importlib
-
-    from hwnoise.errors import noise_key
-
-    ops = importlib.import_module("hwnoise.inject.ops")  # hwnoise.inject is also a function's name
-    original = ops._noisy_call
-
-    def direct(mode, name, compute, args, grad_slots, anchors):
-        if torch.compiler.is_compiling() or (mode.backward and torch.is_grad_enabled()):
-            return original(mode, name, compute, args, grad_slots, anchors)
-        if not mode.forward:
-            return compute(*args)
-        step = mode._steps.next(name)
-        return mode.error.apply(compute(*args), noise_key(mode.seed, name, "forward", step))
-
-    @contextlib.contextmanager
-    def patched():
-        ops._noisy_call = direct
-        try:
-            yield
-        finally:
-            ops._noisy_call = original
-
-    return patched()
 
 
 def plain_generate(model, tokenizer, texts, max_new_tokens) -> int:
@@ -100,7 +65,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--setting", default="relative:0.05@ops", help="the noisy setting (an Emulation spec)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    ap.add_argument("--with-proposal", action="store_true", help="add the noisy run with the proposed ops.py eager path")
     ap.add_argument("--json", default=None, help="also write the timings here")
     args = ap.parse_args()
     for name in ("torchao", "torch.utils._pytree"):
@@ -122,17 +86,6 @@ def main() -> None:
         f"evaluate, {noisy.spec}": lambda step: hwnoise_generate(model, tokenizer, prompts, args.max_new_tokens,
                                                                  noisy, step),
     }
-    if args.with_proposal:
-        def proposal(step):
-            with proposed_eager_path():
-                return hwnoise_generate(model, tokenizer, prompts, args.max_new_tokens, noisy, step)
-
-        runs[f"evaluate, {noisy.spec} (proposed ops.py eager path)"] = proposal
-        with torch.no_grad(), proposed_eager_path(), noisy.applied(model, seed=0, step=0):
-            a = generate_greedy(model, tokenizer, prompts, 8)
-        with torch.no_grad(), noisy.applied(model, seed=0, step=0):
-            b = generate_greedy(model, tokenizer, prompts, 8)
-        console.print(f"proposed path gives the same completions: {a == b}")
     for fn in runs.values():  # warm-up: first-call costs (allocator, lazy imports) out of the timings
         fn(0)
     rates: dict[str, list[float]] = {name: [] for name in runs}

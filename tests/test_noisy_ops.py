@@ -433,3 +433,20 @@ def test_backward_after_the_block_and_bounded_registry():
             pass
     with pytest.raises(RuntimeError, match="backward ran after 256 other noisy_ops blocks"):
         y.sum().backward()
+
+
+def test_forward_noise_is_the_same_with_and_without_autograd():
+    """Without autograd the forward noise takes a direct path (no custom-op dispatch); it must draw
+    exactly what the custom ops draw when gradients are on."""
+    model = MatmulNet()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), hn.noisy_ops(REL, seed=4):
+        direct = model(x)
+    with hn.noisy_ops(REL, seed=4):  # backward noise on: every call goes through the custom ops
+        through_ops = model(x)
+    with hn.noisy_ops(REL, seed=4, backward=False):  # grad on, backward off: keyed_noise keeps its STE
+        forward_only = model(x)
+    assert torch.equal(direct, through_ops.detach())
+    assert torch.equal(direct, forward_only.detach())
+    with torch.no_grad():
+        assert not torch.equal(direct, model(x))

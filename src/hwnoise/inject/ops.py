@@ -155,6 +155,16 @@ def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, an
         isinstance(args[i], torch.Tensor) and args[i].requires_grad for i, _ in grad_slots)
     if not (mode.forward or wants_grad):
         return compute(*args)
+    if not wants_grad and not torch.compiler.is_compiling():
+        # Eager, no backward noise: the same counter and key as the custom ops. Without autograd
+        # (generation, evaluation) the error applies directly, skipping the ops' dispatcher round
+        # trip (~0.1 ms a call, most of a decode step's noise cost); with autograd the keyed_noise
+        # op keeps its straight-through gradient.
+        y = compute(*args)
+        step = mode._steps.next(name)
+        if not y.requires_grad:
+            return mode.error.apply(y, noise_key(mode.seed, name, "forward", step))
+        return torch.ops.hwnoise.keyed_noise(y, torch.tensor(step, dtype=torch.int64), mode._id, name, "forward")
     step = torch.ops.hwnoise.next_step([a for a in anchors if isinstance(a, torch.Tensor)], mode._id, name)
     if wants_grad:
         args = list(args)
