@@ -5,19 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2-thread OpenMP regions oversubscribe and
-    generation slowed ~30x (67 s vs 2 s for 4 x 16 tokens of the bundled model)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mxfp4_w4a16_aqn.yaml"
 

@@ -16,17 +16,7 @@ from hwnoise.inject import current_phase
 from hwnoise.rl import TrainConfig, train
 from hwnoise.rl.callbacks import EvalCallback, StopAtStep, read_evals
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2-thread OpenMP regions oversubscribe and
-    generation slowed ~30x (67 s vs 2 s for 4 x 16 tokens of the bundled model)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
