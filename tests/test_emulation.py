@@ -179,3 +179,19 @@ def test_bad_seed_and_step(model):
     with pytest.raises(ValueError, match="step"):
         with Emulation().applied(model, step=-1):
             pass
+
+
+def test_substeps_of_one_step_draw_their_own_noise(model):
+    e, ids = Emulation.parse("relative:0.05@ops"), tokens()
+    out = {}
+    for sub in (0, 1, 1):
+        with e.applied(model, seed=0, step=2, substep=sub):
+            out.setdefault(sub, []).append(_logits(model, ids))
+    with e.applied(model, seed=0, step=2):
+        default = _logits(model, ids)
+    assert torch.equal(out[0][0], default)  # substep 0 is the plain (seed, step) block
+    assert torch.equal(out[1][0], out[1][1])
+    assert not torch.equal(out[0][0], out[1][0])
+    with pytest.raises(ValueError, match="substep"):
+        with e.applied(model, substep=-1):
+            pass

@@ -289,6 +289,27 @@ def test_training_phase_noise_reaches_the_loss_forward_and_its_backward(tokenize
     assert not any("rollout/noisy_op_calls" in h for h in steps)  # training-only: rollouts are clean
 
 
+def test_each_training_forward_of_a_step_draws_its_own_noise(tokenizer, tmp_path, monkeypatch):
+    """Two micro-batches per step: their loss forwards must not reuse one noise stream."""
+    from hwnoise.inject import Emulation
+
+    keys = []
+    original = Emulation.applied
+
+    def spy(self, model, seed=0, step=0, *, grad=False, substep=0):
+        if grad:
+            keys.append((step, substep))
+        return original(self, model, seed=seed, step=step, grad=grad, substep=substep)
+
+    monkeypatch.setattr(Emulation, "applied", spy)
+    config = tiny_config(tmp_path, steps=2, emulation__noise="relative", emulation__noise_scale=0.05,
+                         emulation__noise_phase="training", algorithm__gradient_checkpointing=False,
+                         algorithm__gradient_accumulation_steps=2)
+    train(config, model=tiny_model(tokenizer), tokenizer=tokenizer)
+    assert [s for s, _ in keys] == [0, 0, 1, 1]
+    assert len(set(keys)) == len(keys)  # (step, substep) never repeats: independent draws
+
+
 def test_epoch_aware_aqn_restarts_its_schedule_each_epoch(tokenizer, tmp_path):
     # 4 problems, 1 prompt (2 completions) per step: 4 steps per epoch, 2 epochs.
     config = tiny_config(tmp_path, steps=None, epochs=2, data__n_train=4, aqn__enabled=True,

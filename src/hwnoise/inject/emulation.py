@@ -40,9 +40,10 @@ EMULATION_WHERE = ("ops", "input", "output", "weight")
 _SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA", "ERROR[@where] (e.g. relative:0.05@ops)")
 
 
-def _derived_seed(seed: int, step: int, what: str) -> int:
-    """A 63-bit seed for one part of one (seed, step) block."""
-    return E.noise_key(seed, f"emulation/{what}", "forward", step) & 0x7FFF_FFFF_FFFF_FFFF
+def _derived_seed(seed: int, step: int, what: str, substep: int = 0) -> int:
+    """A 63-bit seed for one part of one (seed, step, substep) block."""
+    site = f"emulation/{what}" + (f"/{substep}" if substep else "")
+    return E.noise_key(seed, site, "forward", step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)
@@ -185,48 +186,51 @@ class Emulation:
     # -- applying ------------------------------------------------------------------------------
 
     @contextmanager
-    def applied(self, model: nn.Module, seed: int = 0, step: int = 0, *, grad: bool = False):
+    def applied(self, model: nn.Module, seed: int = 0, step: int = 0, *, grad: bool = False, substep: int = 0):
         """Switch the condition on for the enclosed block; the model is exactly as before on exit.
 
         grad=False (generation, evaluation): the weight format is applied once, by swapping each
         selected module's weight Parameter for a quantized tensor (the parameters themselves are
         never written). grad=True (a loss forward whose backward follows): the weight format goes
         through straight-through hooks so gradients reach the clean weights, and operator noise
-        is also put on the backward GEMMs. Yields an ``EmulationStats``.
+        is also put on the backward GEMMs. substep: tells apart several blocks of one step (e.g.
+        the micro-batches of a training step), so that each draws its own noise. Yields an
+        ``EmulationStats``.
         """
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0; got {step!r}")
+        for name, value in (("step", step), ("substep", substep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
         stats = EmulationStats()
         with ExitStack() as stack:
             if self.weight_format:
                 if grad:
                     stack.enter_context(inject(model, E.Quantize(self.weight_format), where="weight",
                                                targets=self.targets, exclude=self.exclude or None,
-                                               seed=_derived_seed(seed, step, "weights"), measure=False))
+                                               seed=_derived_seed(seed, step, "weights", substep), measure=False))
                 else:
                     stack.enter_context(_quantized_weights(model, self.weight_format, self.targets,
                                                            self.exclude, stats))
             if self.aqn_sigma:
                 from ..aqn import AQN, Constant
 
-                aqn = AQN(Constant(self.aqn_sigma), seed=_derived_seed(seed, step, "aqn"))
+                aqn = AQN(Constant(self.aqn_sigma), seed=_derived_seed(seed, step, "aqn", substep))
                 stack.enter_context(aqn.noisy(model, step=0, total_steps=1))
                 stats.aqn = aqn
             if self.input_format:
                 stats.injections.append(stack.enter_context(
                     inject(model, E.Quantize(self.input_format), where="input", targets=self.targets,
-                           exclude=self.exclude or None, seed=_derived_seed(seed, step, "inputs"), measure=False)))
+                           exclude=self.exclude or None, seed=_derived_seed(seed, step, "inputs", substep), measure=False)))
             if self.error:
                 error = E.parse(self.error)
                 if self.where == "ops":
                     stats.ops = stack.enter_context(noisy_ops(error, ops=self.ops, backward=grad,
-                                                              seed=_derived_seed(seed, step, "ops")))
+                                                              seed=_derived_seed(seed, step, "ops", substep)))
                 else:
                     stats.injections.append(stack.enter_context(
                         inject(model, error, where=self.where, targets=self.targets, exclude=self.exclude or None,
-                               seed=_derived_seed(seed, step, "error"))))
+                               seed=_derived_seed(seed, step, "error", substep))))
             yield stats
 
 

@@ -50,6 +50,7 @@ class HwnoiseGRPOTrainer(GRPOTrainer):
                                    else training_emulation)
         self.emulation_seed = emulation_seed
         self._steps_per_epoch = steps_per_epoch
+        self._training_calls = (-1, 0)  # (global step, training-emulation forwards so far in it)
 
     @property
     def steps_per_epoch(self) -> int | None:
@@ -112,8 +113,13 @@ class HwnoiseGRPOTrainer(GRPOTrainer):
                 return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         grad = torch.is_grad_enabled()
         mode = "train" if self.model.training else "eval"
+        # Each forward of a step (old log-probs, every micro-batch's loss pass) draws its own noise:
+        # keyed by (global step, its index within the step), so a resumed run replays it too.
+        step = self.state.global_step
+        calls = self._training_calls[1] + 1 if self._training_calls[0] == step else 0
+        self._training_calls = (step, calls)
         with phase("training"), self.training_emulation.applied(
-                model, seed=self.emulation_seed, step=self.state.global_step, grad=grad) as stats:
+                model, seed=self.emulation_seed, step=step, grad=grad, substep=calls) as stats:
             result = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
             if grad:
                 for key, value in stats.as_dict().items():
