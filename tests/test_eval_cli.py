@@ -64,6 +64,7 @@ def test_eval_command_writes_everything_and_resumes(model_dir, tmp_path):
     (("--metric", "exact"), "unknown --metric 'exact'"),
     (("--batch-size", "0"), "--batch-size must be >= 1"),
     (("--data", "arith", "--n", "0"), "--n must be >= 1"),
+    (("--threads", "0"), "--threads must be >= 1"),
     (("--data", "nosuch"), "unknown spec 'nosuch'"),
 ])
 def test_bad_options_exit_2_before_loading_the_model(tmp_path, args, message):

@@ -81,6 +81,7 @@ def eval_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the noise (and of the arith generator and the bootstrap).")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: eval.json, eval.png, records.jsonl (per problem), run.json. A rerun resumes.")] = Path("hwnoise-out/eval"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in --out instead of resuming.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, 1 avoids oversubscribed OpenMP stalls.")] = None,
 ) -> None:
     """Evaluate MODEL clean and under each noise level or format: accuracy with 95 % intervals, paired tests."""
     from ..data import load_problems
@@ -95,10 +96,16 @@ def eval_command(
                 raise ValueError(f"{name} must be >= 1; got {value}")
         if n is not None and n < 1:
             raise ValueError(f"--n must be >= 1; got {n}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {threads}")
         problems = load_problems(data, n=n, seed=seed)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         _fail(str(exc))
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     net, tokenizer = _load_model(model)
     console.print(f"[bold]{model}[/]: {len(problems)} problems from {data}, settings: {', '.join(specs)} "
