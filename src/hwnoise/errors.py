@@ -39,6 +39,7 @@ __all__ = [
     "Truncation",
     "generator",
     "get",
+    "is_name",
     "names",
     "noise_key",
     "parse",
@@ -240,6 +241,12 @@ _ALIASES = {"relative_gaussian": "relative", "absolute_gaussian": "absolute", "s
 def names() -> list[str]:
     """The error-model names ``get`` and ``parse`` accept."""
     return list(ERRORS)
+
+
+def is_name(name: str) -> bool:
+    """Whether ``name`` (case-insensitive) is an error-model name or one of its aliases."""
+    key = name.strip().lower()
+    return key in ERRORS or key in _ALIASES
 
 
 def get(name, scale=None, **opts) -> ErrorModel:

@@ -118,7 +118,7 @@ class Emulation:
                     put("aqn_sigma", float(rest), part)
                 except ValueError:
                     raise ValueError(f"bad AQN sigma {rest.strip()!r} in {spec!r}; expected a number, e.g. aqn:0.01") from None
-            elif head in E.names() or head in ("relative_gaussian", "absolute_gaussian", "systematic_bias", "truncate"):
+            elif E.is_name(head):
                 error, at, where = part.partition("@")
                 put("error", error.strip(), part)
                 if at:

@@ -32,27 +32,11 @@ def _read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _evals(run_dir: Path) -> list[dict]:
-    """Evaluations by step; a step evaluated twice (a resumed run) keeps the last one."""
-    path = run_dir / "evals.jsonl"
-    by_step: dict[int, dict] = {}
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            by_step[int(item["step"])] = item["report"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if lineno == len(lines):
-                continue  # a last line cut off by a kill
-            raise ValueError(f"{path}, line {lineno}: not an evaluation record") from None
-    return [{"step": s, "report": by_step[s]} for s in sorted(by_step)]
-
-
 def load_run(run_dir: str | os.PathLike) -> dict:
     """Config, status, steps and evaluations of one run directory."""
     import yaml
+
+    from ..rl.callbacks import read_evals
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -67,7 +51,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{str(run_dir)!r} is not a hwnoise train run directory: it has neither run.json nor "
                          "hwnoise_config.yaml")
     return {"name": run_dir.name, "path": str(run_dir), "config": config, "status": status, "steps": steps,
-            "evals": _evals(run_dir)}
+            "evals": read_evals(run_dir)}
 
 
 def describe_config(config: dict) -> dict[str, str]:
@@ -111,10 +95,12 @@ def _point(step: int, report: dict, metric: str) -> dict | None:
 
 def _records(run: dict, step: int, metric: str) -> dict[str, bool] | None:
     """Per-problem correctness of the clean setting at ``step``, if the run kept its records."""
-    path = Path(run["path"]) / "evals" / f"step-{step:06d}" / "records.jsonl"
+    from ..eval.core import RECORDS_FILE, read_records
+    from ..rl.callbacks import eval_dir
+
+    path = eval_dir(run["path"], step) / RECORDS_FILE
     if not path.is_file():
         return None
-    from ..eval.core import read_records
 
     return {pid: bool(r[f"correct_{metric}"]) for (setting, pid), r in read_records(path).items() if setting == "clean"}
 

@@ -17,17 +17,33 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-__all__ = ["EVALS_FILE", "EvalCallback", "StopAtStep", "read_evals"]
+__all__ = ["EVALS_FILE", "EvalCallback", "StopAtStep", "eval_dir", "read_evals"]
 
 EVALS_FILE = "evals.jsonl"
 
 
+def eval_dir(run_dir, step: int) -> Path:
+    """Where the evaluation at ``step`` keeps its per-problem records (``hwnoise.evaluate``'s ``out``)."""
+    return Path(run_dir) / "evals" / f"step-{step:06d}"
+
+
 def read_evals(run_dir) -> list[dict]:
-    """The evaluations a run wrote so far, in order."""
+    """The evaluations a run wrote so far, by step. A step evaluated twice (a resumed run) keeps its
+    last evaluation; a last line cut off by a kill is ignored; any other bad line is a ValueError."""
     path = Path(run_dir) / EVALS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    by_step: dict[int, dict] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            by_step[int(item["step"])] = item["report"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if lineno == len(lines):
+                continue
+            raise ValueError(f"{path}, line {lineno}: not an evaluation record") from None
+    return [{"step": step, "report": by_step[step]} for step in sorted(by_step)]
 
 
 class EvalCallback(TrainerCallback):
@@ -60,7 +76,7 @@ class EvalCallback(TrainerCallback):
         # overwrite: a resumed run that evaluates a step again recomputes it rather than trusting old records.
         report = evaluate(model, self.tokenizer, self.problems, self.settings, batch_size=self.batch_size,
                           max_new_tokens=self.max_new_tokens, seed=self.seed,
-                          out=self.run_dir / "evals" / f"step-{step:06d}" if main else None, overwrite=True,
+                          out=eval_dir(self.run_dir, step) if main else None, overwrite=True,
                           model_name=self.model_name, data_name=self.data_name)
         data = report.to_json()
         if main:
