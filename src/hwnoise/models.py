@@ -32,6 +32,7 @@ __all__ = [
     "ensure_converted",
     "gguf_cache_dir",
     "load",
+    "resolve",
 ]
 
 DEFAULT_MODEL_NOTE = (
@@ -137,23 +138,30 @@ def load(
     local HF directory, or a hub id.
     """
     text = os.fspath(spec)
-    if text in _DEFAULT_ALIASES:
-        source = ensure_converted(default_model_path(), cache_dir)
-    else:
-        path = Path(text).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            source = ensure_converted(path, cache_dir)
-        elif path.is_dir():
-            _check_hf_dir(path)
-            source = path
-        elif path.exists():
-            raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
-        elif _looks_like_path(text):
-            raise FileNotFoundError(f"No such model file or directory: {text}")
-        else:
-            return _finish(*_load_from_hub(text, dtype), spec=text, device=device)
+    source = resolve(text, cache_dir)
+    if isinstance(source, str):
+        return _finish(*_load_from_hub(source, dtype), spec=text, device=device)
     model, tokenizer = _load_hf(source, dtype, local_files_only=True)
     return _finish(model, tokenizer, spec=text, device=device)
+
+
+def resolve(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | str:
+    """Where a model spec's weights are: a local HF directory (GGUF files converted into the cache
+    first), or the spec itself as a hub id (a ``str``). Bad local paths raise here."""
+    text = os.fspath(spec)
+    if text in _DEFAULT_ALIASES:
+        return ensure_converted(default_model_path(), cache_dir)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_converted(path, cache_dir)
+    if path.is_dir():
+        _check_hf_dir(path)
+        return path
+    if path.exists():
+        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+    if _looks_like_path(text):
+        raise FileNotFoundError(f"No such model file or directory: {text}")
+    return text
 
 
 # --- helpers -----------------------------------------------------------------

@@ -29,15 +29,10 @@ def _meta_model(spec: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import default_model_path, ensure_converted
+    from ..models import resolve
 
-    if spec in ("default", "smollm2"):
-        source = ensure_converted(default_model_path())
-    elif Path(spec).expanduser().is_file() and spec.endswith(".gguf"):
-        source = ensure_converted(Path(spec).expanduser())
-    else:
-        source = spec
-    config = AutoConfig.from_pretrained(source, local_files_only=Path(str(source)).exists())
+    source = resolve(spec)
+    config = AutoConfig.from_pretrained(source, local_files_only=isinstance(source, Path))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
