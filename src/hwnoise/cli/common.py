@@ -9,11 +9,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def _quiet_third_party_logs() -> None:
     """torchao logs missing CUDA extensions and torch logs pytree deprecations on import: noise
-    on a CPU machine. The CLI is an application, so it may set these levels (the library does not)."""
+    on a CPU machine; transformers prints loading bars and warnings over the CLI's own progress.
+    The CLI is an application, so it may set these levels (the library does not)."""
     import logging
+
+    import transformers
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 app = typer.Typer(
@@ -26,13 +31,9 @@ console = Console()
 
 def _load_model(model: str):
     """(model, tokenizer) with a spinner and quiet third-party logs; a bad spec exits with code 2."""
-    import transformers
-
     from ..models import load
 
     _quiet_third_party_logs()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     with console.status(f"loading {model} ..."):
         try:
             return load(model)

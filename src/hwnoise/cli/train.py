@@ -40,13 +40,9 @@ def train_command(
     except ConfigError as exc:
         _fail(str(exc))
 
-    import transformers
-
     from ..rl import train
 
     _quiet_third_party_logs()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     evals = []
 
