@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from .common import DeviceMapOption, DeviceOption, DtypeOption
 from .common import _fail, _load_model, app, console, progress_bar
 
 
@@ -82,6 +83,9 @@ def eval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: eval.json, eval.png, records.jsonl (per problem), run.json. A rerun resumes.")] = Path("hwnoise-out/eval"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start afresh in --out instead of resuming.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice). On a machine shared with other jobs, 1 avoids oversubscribed OpenMP stalls.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = "none",
 ) -> None:
     """Evaluate MODEL clean and under each noise level or format: accuracy with 95 % intervals, paired tests."""
     from ..data import load_problems
@@ -107,7 +111,7 @@ def eval_command(
 
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    net, tokenizer = _load_model(model)
+    net, tokenizer = _load_model(model, device, dtype, device_map)
     console.print(f"[bold]{model}[/]: {len(problems)} problems from {data}, settings: {', '.join(specs)} "
                   f"(loaded in {time.perf_counter() - t0:.1f} s)")
     with progress_bar() as progress:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .common import DeviceMapOption, DeviceOption, DtypeOption
 from .common import _fail, _load_model, app, console, progress_bar
 
 
@@ -17,6 +18,9 @@ def formats_command(
     formats: str = typer.Option(None, "--formats", "-f", help="Comma-separated formats (default: a survey of 4- to 16-bit formats). See --list."),
     out: Path = typer.Option(Path("hwnoise-out/formats"), "--out", "-o", help="Output directory for formats.json."),
     list_formats: bool = typer.Option(False, "--list", help="List every registered format and exit."),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = "none",
 ) -> None:
     """Quantize every linear weight of MODEL with each format and compare the errors."""
     from .. import formats as F
@@ -44,7 +48,7 @@ def formats_command(
     from ..models import DEFAULT_MODEL_NOTE
 
     t0 = time.perf_counter()
-    net, _ = _load_model(model)
+    net, _ = _load_model(model, device, dtype, device_map)
     weights = linear_weights(net)
     console.print(f"[bold]{model}[/]: {len(weights)} linear layers, "
                   f"{sum(w.numel() for w in weights.values()) / 1e6:.1f}M weights "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .common import DeviceMapOption, DeviceOption, DtypeOption
 from .common import _fail, _load_model, app, console, progress_bar
 
 
@@ -39,6 +40,9 @@ def scan_command(
     end_to_end: bool = typer.Option(True, "--end-to-end/--no-end-to-end", help="Measure loss increase and KL with only each module quantized."),
     thresholds: str = typer.Option(None, "--thresholds", help="Problematic when crossed, e.g. 'sqnr_db=20,deadzone_ratio=0.05,saturation_ratio=0.01,relative_error=0.1'."),
     top: int = typer.Option(10, "--top", help="Rows in the table of the worst layers."),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    device_map: DeviceMapOption = "none",
 ) -> None:
     """Scan MODEL layer by layer under a number format: which modules break, how badly, what to do."""
     from .. import formats as F
@@ -59,7 +63,7 @@ def scan_command(
     from ..models import DEFAULT_MODEL_NOTE
 
     t0 = time.perf_counter()
-    net, tokenizer = _load_model(model)
+    net, tokenizer = _load_model(model, device, dtype, device_map)
     modules = select_modules(net, "linear", exclude=SCAN_EXCLUDE, default_exclude=False)
     console.print(f"[bold]{model}[/]: {len(modules)} linear modules, {len(calibration)} calibration texts "
                   f"(loaded in {time.perf_counter() - t0:.1f} s)")

@@ -10,6 +10,9 @@ any parameter.
 - where="weight": for the duration of forward only, ``module.weight`` is a perturbed tensor
   ``error(w)`` whose gradient flows straight through to the original parameter; the parameter
   itself is never written, and an always-called forward hook puts it back also when forward raises.
+  Weight injections nest: each one's post-hook is prepended, so the post-hooks run in the reverse
+  order of the pre-hooks; an inner injection perturbs what the outer one put there, and every
+  module gets its own Parameter back whatever the order of exits.
 
 Every draw is keyed by (seed, module qualified name, "forward", step), step counting the noisy
 calls of that module since the handle was made: replays are exact and modules are independent.
@@ -17,6 +20,7 @@ calls of that module since the handle was made: replays are exact and modules ar
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,10 @@ __all__ = ["WHERE", "Injection", "SiteStats", "inject"]
 
 WHERE = ("input", "output", "weight")
 _INPUT_KEYWORDS = ("input", "hidden_states", "x")
+
+# Per module, the weight swaps of forwards in flight, over every injection, bottom first: each
+# frame is [original, installed]. Lets remove() undo an interrupted forward in any order.
+_IN_FLIGHT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,8 @@ class _Site:
     def __init__(self, name, module):
         self.name, self.module = name, module
         self.sum_noise = self.sum_clean = None  # tensors: no device sync until stats()
-        self.saved = []  # original weights of calls in flight (a stack: re-entrant forwards)
+        # [original, installed] weights of calls in flight: a stack, for re-entrant forwards.
+        self.saved = []
 
 
 def _first_tensor(seq):
@@ -74,13 +83,18 @@ class Injection:
         self.error, self.where, self.seed = error, where, seed
         self.phase = check_phase(phase)
         self.measure = measure
-        modules = select_modules(model, targets, layers=layers, exclude=exclude)
+        plan = getattr(error, "plan", None)  # a per-module weight plan picks its modules and their formats
+        modules = plan.select(model, exclude=exclude) if plan is not None else \
+            select_modules(model, targets, layers=layers, exclude=exclude)
         if where == "weight":
             bad = [n for n, m in modules.items() if not isinstance(m._parameters.get("weight"), torch.Tensor)]
             if bad:
                 raise ValueError(f"where='weight' needs modules with a weight parameter; these have none: "
                                  f"{', '.join(bad[:5])}")
         self._sites = {name: _Site(name, module) for name, module in modules.items()}
+        if plan is not None:
+            for name, site in self._sites.items():
+                site.error = error.for_site(name)
         self._steps = StepCounter()
         self._handles = []
         for site in self._sites.values():
@@ -96,11 +110,14 @@ class Injection:
             self._handles.append(module.register_forward_hook(self._output_hook(site)))
         else:
             self._handles.append(module.register_forward_pre_hook(self._weight_pre_hook(site)))
-            self._handles.append(module.register_forward_hook(self._weight_post_hook(site), always_call=True))
+            # Prepended: post-hooks run last-registered first, so nested weight injections
+            # unwind in stack order (each puts back the weight it found).
+            self._handles.append(module.register_forward_hook(self._weight_post_hook(site), always_call=True,
+                                                              prepend=True))
 
     def _noisy(self, site: _Site, x: torch.Tensor) -> torch.Tensor:
         step = self._steps.next(site.name)
-        y = perturb(x, self.error, noise_key(self.seed, site.name, "forward", step))
+        y = perturb(x, getattr(site, "error", self.error), noise_key(self.seed, site.name, "forward", step))
         if self.measure:
             with torch.no_grad():
                 noise = torch.linalg.vector_norm((y.detach() - x.detach()).float()) ** 2
@@ -144,10 +161,14 @@ class Injection:
     def _weight_pre_hook(self, site):
         def hook(module, args):
             original = module._parameters["weight"]
-            site.saved.append(original)
+            installed = original
             if phase_active(self.phase):
                 # A non-leaf stand-in for this forward only; its gradient reaches `original` unchanged.
-                module._parameters["weight"] = self._noisy(site, original)
+                installed = self._noisy(site, original)
+            frame = [original, installed]
+            site.saved.append(frame)
+            _IN_FLIGHT.setdefault(module, []).append(frame)
+            module._parameters["weight"] = installed
             return None
 
         return hook
@@ -155,7 +176,9 @@ class Injection:
     def _weight_post_hook(self, site):
         def hook(module, args, output):
             if site.saved:
-                module._parameters["weight"] = site.saved.pop()
+                frame = site.saved.pop()
+                module._parameters["weight"] = frame[0]
+                _forget(module, frame)
             return None
 
         return hook
@@ -186,9 +209,16 @@ class Injection:
             handle.remove()
         self._handles = []
         for site in self._sites.values():  # a forward interrupted without its post-hook
-            if site.saved:
-                site.module._parameters["weight"] = site.saved[0]
-                site.saved.clear()
+            for frame in reversed(site.saved):
+                frames = _IN_FLIGHT.get(site.module, [])
+                above = [i for i, f in enumerate(frames) if f is frame]
+                if above and above[0] + 1 < len(frames):
+                    # Another injection's swap lies on top: it will put back our original.
+                    frames[above[0] + 1][0] = frame[0]
+                else:
+                    site.module._parameters["weight"] = frame[0]
+                _forget(site.module, frame)
+            site.saved.clear()
 
     @property
     def active(self) -> bool:
@@ -204,6 +234,15 @@ class Injection:
     def __repr__(self):
         return (f"Injection({self.error!r}, where={self.where!r}, sites={len(self._sites)}, phase={self.phase!r}, "
                 f"seed={self.seed}, active={self.active})")
+
+
+def _forget(module: nn.Module, frame: list) -> None:
+    frames = _IN_FLIGHT.get(module)
+    if frames is None:
+        return
+    frames[:] = [f for f in frames if f is not frame]
+    if not frames:
+        del _IN_FLIGHT[module]
 
 
 def inject(model: nn.Module, error, where: str = "output", targets="linear", exclude=None, phase: str = "both",
