@@ -198,12 +198,32 @@ class Quantize(ErrorModel):
 
     def __init__(self, fmt, **opts):
         from .formats import get as get_format
+        from .plans import WeightPlan, is_plan_spec
 
-        get_format(fmt)  # unknown formats fail here, listing the known ones
         if "seed" in opts or "out" in opts:
             raise ValueError("Quantize takes no seed or out: the noise key decides stochastic rounding")
+        if is_plan_spec(fmt):  # a per-module plan (plan.json, a dict, a WeightPlan): see for_site
+            fmt = WeightPlan.coerce(fmt)
+        else:
+            get_format(fmt)  # unknown formats fail here, listing the known ones
         object.__setattr__(self, "fmt", fmt)
         object.__setattr__(self, "opts", tuple(sorted(opts.items())))
+
+    @property
+    def plan(self):
+        """The WeightPlan when this quantizes module by module, else None."""
+        from .plans import WeightPlan
+
+        return self.fmt if isinstance(self.fmt, WeightPlan) else None
+
+    def for_site(self, name: str) -> "Quantize":
+        """The error model for module ``name``: with a plan, Quantize of that module's format."""
+        if self.plan is None:
+            return self
+        spec = self.plan.format_for(name)
+        if spec is None:
+            raise ValueError(f"weight plan {self.plan} has no format for module {name!r}")
+        return Quantize(spec, **dict(self.opts))
 
     @property
     def random(self) -> bool:
@@ -211,11 +231,16 @@ class Quantize(ErrorModel):
         (``"mxfp4:rounding=stochastic"``, the ``mxfp4_sr`` alias)."""
         from .formats import get as get_format
 
+        if self.plan is not None:
+            return any(self.for_site(n).random for n, _ in self.plan.formats)
         return dict(self.opts).get("rounding", get_format(self.fmt).rounding) == "stochastic"
 
     def apply(self, x, key=None):
         from .formats import quantize
 
+        if self.plan is not None:
+            raise ValueError("Quantize(plan) quantizes module by module: use it through hwnoise.inject "
+                             "(where='weight'), which gives each module its format")
         opts = dict(self.opts)
         if self.random:
             opts["seed"] = int(key) & 0x7FFF_FFFF_FFFF_FFFF

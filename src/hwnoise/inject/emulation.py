@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import errors as E
 from ..formats import get as get_format, quantize
+from ..plans import WeightPlan, check_weight_format, is_plan_spec
 from ..select import select_modules
 from .hooks import inject
 from .ops import DEFAULT_OPS, _resolve_ops, noisy_ops
@@ -66,7 +67,10 @@ class Emulation:
             if value is not None:
                 if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"{name} must be a format name such as 'mxfp4'; got {value!r}")
-                get_format(value.strip())  # unknown formats fail here, listing the known ones
+                if name == "weight_format":  # a format, or a per-module plan (plan.json from `hwnoise scan --plan`)
+                    check_weight_format(value.strip())
+                else:
+                    get_format(value.strip())  # unknown formats fail here, listing the known ones
                 object.__setattr__(self, name, value.strip())
         if self.error is not None:
             text = self.error if isinstance(self.error, str) else None
@@ -269,16 +273,17 @@ def _quantized_weights(model: nn.Module, fmt: str, targets, exclude, stats: Emul
     The original Parameter objects are restored on exit (also on errors): nothing is written to
     them, so the clean weights come back bit for bit and optimizer state stays attached to them.
     """
-    modules = select_modules(model, targets, exclude=exclude or None)
+    plan = WeightPlan.coerce(fmt) if is_plan_spec(fmt) else None  # per-module formats
+    modules = plan.select(model, exclude=exclude) if plan else select_modules(model, targets, exclude=exclude or None)
     swapped: list[tuple[nn.Module, nn.Parameter]] = []
     signal = noise = 0.0
     try:
         with torch.no_grad():
-            for module in modules.values():
+            for name, module in modules.items():
                 weight = module._parameters.get("weight")
                 if not isinstance(weight, torch.Tensor):
                     continue
-                q = quantize(weight.detach(), fmt)
+                q = quantize(weight.detach(), plan.format_for(name) if plan else fmt)
                 diff = (q.float() - weight.float())
                 signal += float(weight.float().pow(2).sum())
                 noise += float(diff.pow(2).sum())

@@ -366,7 +366,12 @@ class TrainConfig:
             value = self._get(key)
             if value is not None:
                 try:
-                    formats.get(value)
+                    if key == "emulation.weight_format":  # a format or a plan.json from `hwnoise scan --plan`
+                        from ..plans import check_weight_format
+
+                        check_weight_format(value)
+                    else:
+                        formats.get(value)
                 except ValueError as err:
                     add(f"{key}: {err}")
         if e.noise is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from ..select import decoder_layer_index, is_linear, is_rmsnorm, select_modules
 from .calibration import DEFAULT_MAX_LENGTH, CleanPass, tokenize
 from .measures import STAT_KEYS, stats_to_metrics, tensor_stats
 from .report import LayerRow, ModuleRow, ScanReport, Thresholds
-from .texts import DEFAULT_SAMPLES, calibration_texts
+from .plan import DEFAULT_EACH, parse_candidates, search_plan
+from .texts import BUILTIN_TEXTS, DEFAULT_SAMPLES, calibration_texts
 
 __all__ = ["MODES", "FORMAT_OPTIONS", "scan"]
 
@@ -84,6 +85,12 @@ def scan(
     exclude=None,
     on_step: Callable[[str, str], None] | None = None,
     model_name: str | None = None,
+    plan=None,
+    target_kl: float | None = None,
+    target_loss: float | None = None,
+    budget_bits: float | None = None,
+    held_out=None,
+    plan_each: int = DEFAULT_EACH,
     **format_options,
 ) -> ScanReport:
     """Scan ``model`` module by module under a number format.
@@ -97,12 +104,30 @@ def scan(
     the first ``samples`` of them, each truncated to ``max_length`` tokens.
     end_to_end: also measure, per module, the increase of the language-model loss and the mean
     KL(clean || quantized) of next-token distributions with only that module quantized.
+    With end_to_end, the whole-model effect (every selected module quantized at once) is measured too.
+    plan: search a mixed-precision plan (weight mode; see ``hwnoise.scan.plan``): True for the
+    scan's format + bf16, or candidate formats ("mxfp4,mxfp6_e2m3,mxfp8_e4m3,bf16" or a list); one
+    target of target_kl, target_loss (nats) or budget_bits (effective bits per weight; default:
+    KL a third of the whole-model KL). held_out: texts that re-measure the plan (None: the built-in
+    texts after the calibration ones when texts is None, else none; False: none).
     on_step(phase, module_name) is called after each module of each phase ("metrics", "end_to_end").
     The model's parameters are never written to; hooks are always removed.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     spec = _check_format(format, format_options)
+    base_spec = format.strip() if isinstance(format, str) else spec.name
+    if plan is not None and plan is not False:
+        if mode != "weight":
+            raise ValueError(f"the plan search chooses weight formats: it needs mode='weight'; got mode={mode!r}")
+        if not end_to_end:
+            raise ValueError("the plan search ranks modules by their end-to-end effect: it needs end_to_end=True")
+        if any(v is not None for v in format_options.values()):
+            raise ValueError(f"with a plan, give format options in the spec string (e.g. 'mxfp4:rceil'), not as "
+                             f"{sorted(k for k, v in format_options.items() if v is not None)}")
+        parse_candidates(plan if plan is not True else None, base_spec)  # bad candidates fail before the scan
+    if held_out is None and texts is None and samples is not None and plan not in (None, False):
+        held_out = list(BUILTIN_TEXTS[samples:2 * samples]) or None
     thresholds = Thresholds.coerce(thresholds)
     texts = calibration_texts(texts, samples)
     excludes = SCAN_EXCLUDE + ((exclude,) if isinstance(exclude, str) else tuple(exclude or ()))
@@ -168,7 +193,35 @@ def scan(
                 effects[name] = clean.effect(name, layer, change)
                 if on_step:
                     on_step("end_to_end", name)
+        whole_model = None
+        if end_to_end:
+            if mode == "weight":
+                def change_all():
+                    stack = ExitStack()
+                    for name, module in modules.items():
+                        stack.enter_context(_swapped_weight(module, quantized[name]))
+                    return stack
+            else:
+                def change_all():
+                    stack = ExitStack()
+                    for module in modules.values():
+                        stack.enter_context(_quantized_input(module, lambda t: quantize(t, spec, **options)))
+                    return stack
+            loss_all, kl_all = clean.effect("", None, change_all)
+            whole_model = {"loss_increase": loss_all, "kl": kl_all}
         t_e2e = time.perf_counter() - t2
+        plan_result = None
+        if plan is not None and plan is not False:
+            t3 = time.perf_counter()
+            held = None
+            if held_out:
+                held_texts = calibration_texts(held_out, None)
+                held = CleanPass(model, tokenize(tokenizer, held_texts, max_length, device))
+            plan_result = search_plan(
+                modules, clean, base_spec, plan if plan is not True else None, effects, quantized=quantized,
+                target_kl=target_kl, target_loss=target_loss, budget_bits=budget_bits, held_out=held,
+                each=plan_each, saturation_threshold=thresholds.saturation_ratio, on_step=on_step)
+            t_plan = time.perf_counter() - t3
         quantized.clear()
     finally:
         model.train(was_training)
@@ -198,7 +251,10 @@ def scan(
         rows=rows,
         layers=aggregate_layers(rows, thresholds),
         seconds={"clean_pass": round(t_clean, 3), "metrics": round(t_metrics, 3),
-                 "end_to_end": round(t_e2e, 3), "total": round(time.perf_counter() - t0, 3)},
+                 "end_to_end": round(t_e2e, 3), **({"plan": round(t_plan, 3)} if plan_result else {}),
+                 "total": round(time.perf_counter() - t0, 3)},
+        whole_model=whole_model,
+        plan=plan_result,
     )
 
 

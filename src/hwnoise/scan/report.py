@@ -139,7 +139,8 @@ class LayerRow:
 class Recommendation:
     """What to do, by DESIGN's rule on the share of problematic modules, with the reasons in words."""
 
-    action: str  # "keep_high_precision", "mixed_precision_and_aqn", "wider_format_or_global_aqn", "none"
+    action: str  # "keep_high_precision", "mixed_precision_and_aqn", "wider_format_or_global_aqn", "none",
+    # or "mixed_precision_plan" (keep_high_precision: the modules the plan widens)
     share: float
     problematic: int
     total: int
@@ -194,6 +195,8 @@ class ScanReport:
     seconds: dict = field(default_factory=dict)
     note: str | None = None
     faults: object = None
+    whole_model: dict | None = None  # {"loss_increase", "kl"} with every scanned module quantized at once
+    plan: object = None              # a scan.plan.PlanResult when a plan search was run
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -245,7 +248,17 @@ class ScanReport:
             w = bad[0]
             effect = (f" The largest end-to-end effect among them: {w.name} alone raises the loss by "
                       f"{w.loss_increase:+.4f} nats/token (KL {w.kl:.4f}).")
+        if self.whole_model:
+            w = self.whole_model
+            head += (f" With every scanned module in {self.format} at once the loss rises by "
+                     f"{w['loss_increase']:+.4f} nats/token (KL {w['kl']:.4f}).")
         bad_layers = sorted({r.layer for r in bad if r.layer is not None})
+        plan = self._plan()
+        if plan is not None:
+            keep = [n for n, f in plan.formats.items() if f != plan.base]
+            layers = sorted({r.layer for r in self.rows if r.layer is not None and plan.formats.get(r.name) == plan.base})
+            return Recommendation("mixed_precision_plan", share, len(bad), total, keep, layers, None,
+                                  [head + effect] + plan.recommendation())
         if not bad:
             return Recommendation("none", share, 0, total, [], [], None,
                                   [head, f"{self.format} can be used as is for the scanned modules."])
@@ -273,6 +286,18 @@ class ScanReport:
             [head + effect, f"More than {100 * MIXED_SHARE:g} % are problematic: too many to keep in high "
              f"precision. Choose a wider format (for example {wider}) or train with global AQN on every "
              f"decoder layer (sigma_multipliers.json weights the worst layers higher)."])
+
+    def _plan(self):
+        from .plan import PlanResult
+
+        if self.plan is None or isinstance(self.plan, PlanResult):
+            return self.plan
+        return PlanResult.from_json(self.plan)
+
+    def plan_formats(self) -> dict[str, str] | None:
+        """The chosen plan (module -> format spec, what plan.json holds), or None without a plan search."""
+        plan = self._plan()
+        return None if plan is None else dict(plan.formats)
 
     def sigma_multipliers(self, tiers: Sequence[tuple[float, float]] = DEFAULT_TIERS,
                           default: float = 1.0, targeted=None) -> dict:
@@ -374,7 +399,11 @@ class ScanReport:
                 "sqnr_db_max": max((r.sqnr_db for r in self.rows), default=math.nan),
                 "kl_mean": self.mean("kl") if self.end_to_end else None,
                 "loss_increase_mean": self.mean("loss_increase") if self.end_to_end else None,
+                "whole_model_loss_increase": (self.whole_model or {}).get("loss_increase"),
+                "whole_model_kl": (self.whole_model or {}).get("kl"),
             },
+            "whole_model": self.whole_model,
+            "plan": self._plan().to_json() if self.plan is not None else None,
             "recommendation": asdict(rec),
             "modules": [asdict(r) for r in self.rows],
             "layers": [asdict(l) for l in self.layers],
@@ -393,7 +422,8 @@ class ScanReport:
             max_length=data["max_length"], clean_loss=_float(data["clean_loss"]), end_to_end=data["end_to_end"],
             rows=[row(ModuleRow, d) for d in data["modules"]], layers=[row(LayerRow, d) for d in data["layers"]],
             format_options=dict(data.get("format_options") or {}), seconds=dict(data.get("seconds") or {}),
-            note=data.get("note"), faults=data.get("faults"),
+            note=data.get("note"), faults=data.get("faults"), whole_model=data.get("whole_model"),
+            plan=data.get("plan"),
         )
 
     @classmethod
