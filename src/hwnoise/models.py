@@ -128,21 +128,34 @@ def ensure_converted(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike 
 def load(
     spec: str | os.PathLike = "default",
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    device_map: str | dict | None = None,
     cache_dir: str | os.PathLike | None = None,
 ):
     """Load ``(model, tokenizer)`` as a plain trainable HF causal LM in eval mode.
 
     ``spec`` is ``"default"``/``"smollm2"`` (the bundled model), a ``.gguf`` file, a
     local HF directory, or a hub id.
+    dtype: ``"auto"`` (the checkpoint's own: fp32 for the bundled model), ``"bf16"``, ``"fp16"``,
+    ``"fp32"`` or a torch dtype. device: ``"auto"`` (CUDA when present, else the CPU), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``; a device that does not exist is a ValueError naming those that do.
+    device_map: ``"auto"`` spreads a model too big for one GPU over the visible GPUs (accelerate);
+    weights that would be offloaded to the CPU or disk are refused, since hooks, weight swaps and
+    AQN need every weight resident. ``device`` is then ignored.
     """
+    from .devices import check_device_map, resolve_device, resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype) or "auto"
+    check_device_map(device_map)
+    target = None if device_map is not None else resolve_device(device)  # bad devices fail before loading
     text = os.fspath(spec)
     source = resolve(text, cache_dir)
     if isinstance(source, str):
-        return _finish(*_load_from_hub(source, dtype), spec=text, device=device)
-    model, tokenizer = _load_hf(source, dtype, local_files_only=True)
-    return _finish(model, tokenizer, spec=text, device=device)
+        model, tokenizer = _load_from_hub(source, torch_dtype, device_map)
+    else:
+        model, tokenizer = _load_hf(source, torch_dtype, local_files_only=True, device_map=device_map)
+    return _finish(model, tokenizer, spec=text, device=target)
 
 
 def resolve(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | str:
@@ -245,17 +258,22 @@ def _is_causal_lm(config) -> bool:
     return not archs or bool(known & set(archs))
 
 
-def _load_hf(source, dtype: torch.dtype, *, local_files_only: bool):
+def _load_hf(source, dtype, *, local_files_only: bool, device_map=None):
+    extra = {}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError("device_map='auto' needs accelerate: pip install accelerate (or hwnoise[rl])")
+        extra["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
-        source, local_files_only=local_files_only, **{_DTYPE_KW: dtype}
+        source, local_files_only=local_files_only, **{_DTYPE_KW: dtype}, **extra
     )
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     return model, tokenizer
 
 
-def _load_from_hub(spec: str, dtype: torch.dtype):
+def _load_from_hub(spec: str, dtype, device_map=None):
     try:
-        return _load_hf(spec, dtype, local_files_only=False)
+        return _load_hf(spec, dtype, local_files_only=False, device_map=device_map)
     except (OSError, ValueError) as exc:
         raise OSError(
             f"Cannot load model {spec!r}: it is neither a local path nor a reachable "
@@ -263,10 +281,24 @@ def _load_from_hub(spec: str, dtype: torch.dtype):
         ) from exc
 
 
+def _check_resident(model, spec: str) -> None:
+    placement = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted(name or "(whole model)" for name, where in placement.items() if where in ("cpu", "disk")
+                       and torch.cuda.is_available())
+    offloaded += sorted(name for name, p in model.named_parameters() if p.device.type == "meta")
+    if offloaded:
+        shown = ", ".join(offloaded[:5]) + (f" and {len(offloaded) - 5} more" if len(offloaded) > 5 else "")
+        raise ValueError(f"{spec}: device_map='auto' offloads {shown} to the CPU or disk (the GPUs are too small); "
+                         "hwnoise needs every weight on a GPU: use more GPUs or a smaller dtype (--dtype bf16)")
+
+
 def _finish(model, tokenizer, *, spec: str, device):
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise ValueError(f"{spec}: loads as a quantized model, which cannot be trained; expected float weights")
-    model.to(device)
+    if device is not None:
+        model.to(device)
+    else:  # spread by a device map: every weight must be resident on a device, none offloaded
+        _check_resident(model, spec)
     model.eval()
     model.requires_grad_(True)
     if tokenizer.pad_token is None:
