@@ -31,7 +31,8 @@ __all__ = [
     "select_modules",
 ]
 
-# Never noised unless asked: the vocabulary projections and LoRA adapters (the trainable part).
+# Never noised unless named: the vocabulary projections and LoRA adapters (the trainable part).
+# A name-glob target that spells one of these out (``"lm_head"``, ``"*.lora_A"``) selects it.
 DEFAULT_EXCLUDE = ("lm_head", "embed_tokens", "lora_A", "lora_B")
 
 # "layers.N" (Llama, Qwen, Mistral), "h.N" (GPT-2, Falcon), "blocks.N" (many research codebases).
@@ -210,10 +211,14 @@ def _no_match(what: str, model: nn.Module) -> ValueError:
     names = [name for name, _ in model.named_modules() if name]
     step = max(1, len(names) // _NAMES_SHOWN)
     shown = ", ".join(names[::step][:_NAMES_SHOWN])
-    return ValueError(
-        f"{what} matched no module; layer types: {', '.join(_ALL_TYPES)}; "
-        f"some module names in this model: {shown}"
-    )
+    where = (f"some module names in this model: {shown}" if names
+             else f"this {type(model).__name__} has no submodules (only a layer type can select it)")
+    return ValueError(f"{what} matched no module; layer types: {', '.join(_ALL_TYPES)}; {where}")
+
+
+def _names_default_exclude(spec: str, name: str) -> bool:
+    """True if the name glob ``spec`` spells out a default-excluded name that ``name`` falls under."""
+    return any(d in spec and matches_name(name, d, inside=True) for d in DEFAULT_EXCLUDE)
 
 
 _LAYER_RANGE_SPEC = re.compile(r"^layers\.(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
@@ -233,10 +238,15 @@ def select_modules(
     expert weights), "layers.14-17" (a decoder-layer range: restricts the other specs, or selects
     the linear layers there when it stands alone), a glob on qualified names (``"*.q_proj"``, ``"mlp.down_proj"``;
     a glob may match the whole name or a dotted suffix), or a sequence of those (union).
+    The root module is a candidate like any other: ``select_modules(nn.Linear(4, 4), "linear")``
+    gives ``{"": the linear}`` (its qualified name is ``""``, as in ``named_modules()``); name globs
+    never match the root, which has no name.
     layers: decoder-layer indices (ints or ``"14-17"``); modules outside decoder layers (the
     final norm) are then left out. exclude: globs removed from the selection, together with
     everything inside them; ``DEFAULT_EXCLUDE`` (lm_head, embed_tokens, LoRA A/B) is added unless
-    ``default_exclude=False``. A target that matches nothing, or an empty result, is a ValueError.
+    ``default_exclude=False``, except for modules a name-glob target names explicitly
+    (``targets=["linear", "lm_head"]`` includes lm_head; ``"linear"`` alone or ``"*"`` does not).
+    A target that matches nothing, or an empty result, is a ValueError.
     """
     target_specs = _as_tuple(targets, "targets")
     if not target_specs:
@@ -247,9 +257,8 @@ def select_modules(
         target_specs = tuple(t for t in target_specs if not _LAYER_RANGE_SPEC.match(t)) or ("linear",)
         from_specs = [i for r in range_specs for i in parse_layers(r)]
         layers = from_specs if layers is None else sorted(set(parse_layers(layers)) & set(from_specs))
-    excludes = _as_tuple(exclude, "exclude") if exclude is not None else ()
-    if default_exclude:
-        excludes = DEFAULT_EXCLUDE + excludes
+    user_excludes = _as_tuple(exclude, "exclude") if exclude is not None else ()
+    excludes = DEFAULT_EXCLUDE + user_excludes if default_exclude else user_excludes
 
     wanted_layers = None
     if layers is not None:
@@ -264,16 +273,18 @@ def select_modules(
 
     modules = list(model.named_modules())
     selected: dict[str, nn.Module] = {}
+    named = set()  # selected by a glob that spells out a default-excluded name: kept despite it
     for spec in target_specs:
         if spec in LAYER_TYPES:
-            hits = [(n, m) for n, m in modules if n and LAYER_TYPES[spec](m)]
+            hits = [(n, m) for n, m in modules if LAYER_TYPES[spec](m)]
         elif spec in BLOCK_TYPES:
             hits = []
-            for n, m in modules:
-                if n and BLOCK_TYPES[spec](m) and not any(n.startswith(h + ".") for h, _ in hits):
+            for n, m in modules:  # the root ("") contains every other module
+                if BLOCK_TYPES[spec](m) and not any(h == "" or n.startswith(h + ".") for h, _ in hits):
                     hits.append((n, m))
         else:
             hits = [(n, m) for n, m in modules if n and matches_name(n, spec)]
+            named.update(n for n, _ in hits if _names_default_exclude(spec, n))
         if not hits:
             raise _no_match(f"target {spec!r}", model)
         for name, module in hits:
@@ -283,7 +294,7 @@ def select_modules(
     for name, module in modules:  # model order, whatever the order of the specs
         if name not in selected:
             continue
-        if any(matches_name(name, pattern, inside=True) for pattern in excludes):
+        if any(matches_name(name, p, inside=True) for p in (user_excludes if name in named else excludes)):
             continue
         if wanted_layers is not None and decoder_layer_index(name) not in wanted_layers:
             continue
