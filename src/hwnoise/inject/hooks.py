@@ -51,10 +51,11 @@ class SiteStats:
 
 
 class _Site:
-    __slots__ = ("name", "module", "sum_noise", "sum_clean", "saved")
+    __slots__ = ("name", "module", "sum_noise", "sum_clean", "saved", "error")
 
     def __init__(self, name, module):
         self.name, self.module = name, module
+        self.error = None  # this site's own error model (a per-module weight plan), else the injection's
         self.sum_noise = self.sum_clean = None  # tensors: no device sync until stats()
         # [original, installed] weights of calls in flight: a stack, for re-entrant forwards.
         self.saved = []
@@ -117,7 +118,7 @@ class Injection:
 
     def _noisy(self, site: _Site, x: torch.Tensor) -> torch.Tensor:
         step = self._steps.next(site.name)
-        y = perturb(x, getattr(site, "error", self.error), noise_key(self.seed, site.name, "forward", step))
+        y = perturb(x, site.error or self.error, noise_key(self.seed, site.name, "forward", step))
         if self.measure:
             with torch.no_grad():
                 noise = torch.linalg.vector_norm((y.detach() - x.detach()).float()) ** 2
@@ -250,8 +251,7 @@ def inject(model: nn.Module, error, where: str = "output", targets="linear", exc
     """Put ``error`` on the input, output or weight of the modules ``targets`` selects.
 
     targets / layers / exclude: as ``hwnoise.select.select_modules`` ("linear", "rmsnorm",
-    "attention", "mlp", name globs; lm_head, embed_tokens and LoRA A/B are excluded unless a target
-    names them, e.g. ``targets=["linear", "lm_head"]``; a bare module is its own candidate).
+    "attention", "mlp", name globs; lm_head, embed_tokens and LoRA A/B are excluded by default).
     phase: "both", or "rollout"/"training" to act only inside ``hwnoise.phase(...)`` blocks.
     measure: keep ||noise|| and ||clean|| per site for ``stats()`` (two reductions per call).
     Returns an ``Injection``: a context manager with ``remove()`` and ``stats()``.
