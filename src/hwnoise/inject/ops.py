@@ -22,7 +22,8 @@ with ``attn_implementation="eager"`` to have its two GEMMs noised, or add op "sd
 it as noisy matmul -> softmax -> matmul.
 
 Mechanism: a ``torch.overrides.TorchFunctionMode`` (a registry keyed by operator, pushed on entry
-and popped on exit: nothing global stays changed after the block). Modes are per thread.
+and popped on exit: nothing global stays changed after the block). A ``with`` block is per thread;
+``hwnoise.inject.env.enable_from_env`` (``import hwnoise.autoload``) is the process-wide switch.
 The draws themselves are two custom ops, ``hwnoise::next_step`` and ``hwnoise::keyed_noise``:
 ``torch.compile`` traces through the mode and keeps them as opaque graph nodes (no graph break;
 ``fullgraph=True`` works), and they run eagerly at run time, so the step counters advance per call,
@@ -323,20 +324,28 @@ class NoisyOps(TorchFunctionMode):
         return (f"noisy_ops({self.error!r}, ops={self.ops!r}, forward={self.forward}, backward={self.backward}, "
                 f"seed={self.seed}, phase={self.phase!r})")
 
-    def __enter__(self):
+    def _activate(self):
+        """Start a scope: counters from step 0, the id resolvable by the custom ops."""
         self._steps.reset()  # a fresh scope replays from step 0
         _MODES[self._id] = self
         if self._id in _EXITED:
             _EXITED.remove(self._id)
+
+    def _retire(self):
+        """End a scope: the id stays resolvable for late backwards until RETAINED_EXITED others ended."""
+        _EXITED.append(self._id)
+        while len(_EXITED) > RETAINED_EXITED:
+            _MODES.pop(_EXITED.popleft(), None)
+
+    def __enter__(self):
+        self._activate()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
             return super().__exit__(exc_type, exc_value, traceback)
         finally:
-            _EXITED.append(self._id)
-            while len(_EXITED) > RETAINED_EXITED:
-                _MODES.pop(_EXITED.popleft(), None)
+            self._retire()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
