@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import time
+
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -89,7 +91,75 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def progress_bar(transient: bool = True) -> Progress:
-    """The progress bar every long command shows."""
+class PlainProgress:
+    """What a long command shows when its output is not a terminal (piped, ``nohup``, a log file):
+    plain lines instead of a bar that would print nothing until the end. The subset of rich's
+    ``Progress`` the commands use (``add_task``, ``update``, a context manager). A line is printed when
+    a task starts, each time it passes another tenth of its total (or another ``every`` seconds when
+    its total is unknown or its steps are slow), and when it completes."""
+
+    def __init__(self, out: Console, every: float = 10.0):
+        self.console, self.every = out, every
+        self._tasks: list[dict] = []
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
+        self._tasks.append({"description": description, "total": total, "completed": completed,
+                            "start": time.monotonic(), "printed_at": None, "done": False,
+                            "tenth": int(10 * completed / total) if total else -1})
+        self._line(self._tasks[-1])
+        return len(self._tasks) - 1
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **_) -> None:
+        t = self._tasks[task_id]
+        before = t["completed"]
+        if total is not None:
+            t["total"] = total
+        if description is not None:
+            t["description"] = description
+        if completed is not None:
+            t["completed"] = completed
+        if advance is not None:
+            t["completed"] += advance
+        if t["completed"] == before or t["done"]:
+            return
+        total = t["total"]
+        done = bool(total) and t["completed"] >= total
+        tenth = int(10 * t["completed"] / total) if total else -1
+        now = time.monotonic()
+        if done or tenth > t["tenth"] or now - t["printed_at"] >= self.every:
+            t["tenth"], t["done"] = max(tenth, t["tenth"]), done
+            self._line(t)
+
+    def _line(self, t: dict) -> None:
+        t["printed_at"] = time.monotonic()
+        elapsed = int(t["printed_at"] - t["start"])
+        count = f"{t['completed']:g}"
+        if t["total"]:
+            count += f"/{t['total']:g} ({100 * t['completed'] / t['total']:.0f} %)"
+        self.console.print(f"{t['description'].strip()}: {count} {elapsed // 60}:{elapsed % 60:02d}",
+                           markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bar(transient: bool = True) -> Progress | PlainProgress:
+    """The progress every long command shows: a rich bar on a terminal, plain lines otherwise."""
+    if not console.is_terminal:
+        return PlainProgress(console)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=transient)
+
+
+def _check_out(path) -> None:
+    """The output directory of a command, checked before any work starts (exit 2 with a message)."""
+    from ..io import OutputPathError, prepare_out_dir
+
+    try:
+        prepare_out_dir(path)
+    except OutputPathError as exc:
+        _fail(str(exc))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _fail, _load_model, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, app, console, progress_bar
 
 
 def _numbers(text: str | None, what: str) -> list[float]:
@@ -90,6 +90,9 @@ def eval_command(
     """Evaluate MODEL clean and under each noise level or format: accuracy with 95 % intervals, paired tests."""
     from ..data import load_problems
     from ..eval import METRICS, evaluate
+    from ..eval.core import RECORDS_FILE, RUN_FILE
+
+    OUTPUT_FILES = ("eval.json", "eval.png", RECORDS_FILE, RUN_FILE)
 
     try:
         specs = settings_from_options(noise, where, error, formats, aqn, setting)
@@ -105,6 +108,7 @@ def eval_command(
         problems = load_problems(data, n=n, seed=seed)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         _fail(str(exc))
+    _check_out(out)
 
     if threads is not None:
         import torch
@@ -141,4 +145,4 @@ def eval_command(
     if report.note:
         console.print(f"[dim]{report.note}[/]")
     path = report.save(out)
-    console.print(f"wrote {path}/: " + ", ".join(sorted(p.name for p in path.iterdir() if not p.name.startswith("."))))
+    console.print(f"wrote {path}/: " + ", ".join(n for n in OUTPUT_FILES if (path / n).exists()))

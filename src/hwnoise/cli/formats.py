@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _fail, _load_model, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, app, console, progress_bar
 
 
 @app.command("formats")
@@ -25,7 +25,7 @@ def formats_command(
     """Quantize every linear weight of MODEL with each format and compare the errors."""
     from .. import formats as F
     from ..formats.survey import DEFAULT_SURVEY, linear_weights, survey_formats
-    from ..report import atomic_write_json
+    from ..io import atomic_write_json
 
     if list_formats:
         table = Table(title="hwnoise formats")
@@ -38,12 +38,16 @@ def formats_command(
                           s.description + (f" (alias of {s.alias_of})" if s.alias_of else ""))
         console.print(table)
         return
-    names = [f.strip() for f in formats.split(",") if f.strip()] if formats else list(DEFAULT_SURVEY)
+    names = list(DEFAULT_SURVEY) if formats is None else [f.strip() for f in formats.split(",") if f.strip()]
+    if not names:
+        _fail(f"--formats {formats!r} names no format; give comma-separated names, e.g. --formats mxfp4,nvfp4 "
+              f"(see --list), or leave it out for the default survey")
     try:
         for n in names:
             F.get(n)
     except ValueError as exc:
         _fail(str(exc))
+    _check_out(out)
 
     from ..models import DEFAULT_MODEL_NOTE
 

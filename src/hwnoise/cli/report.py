@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import _fail, app, console
+from .common import _check_out, _fail, app, console
 
 
 @app.command("report")
@@ -19,6 +19,7 @@ def report_command(
     """Compare training runs: configuration, final and best held-out accuracy with intervals, delta vs the baseline."""
     from ..report.runs import runs_table, summarize_runs, write_runs_report
 
+    _check_out(out)
     try:
         summary = summarize_runs(run_dirs, baseline=baseline, metric=metric)
     except ValueError as exc:

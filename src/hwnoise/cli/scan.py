@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _fail, _load_model, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, app, console, progress_bar
 
 
 def _parse_thresholds(text: str | None) -> dict | None:
@@ -56,9 +56,15 @@ def scan_command(
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         threshold_values = Thresholds.coerce(_parse_thresholds(thresholds))
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"--max-length {max_length} is not accepted; give tokens per text >= 1 "
+                             f"(default {DEFAULT_MAX_LENGTH})")
+        if top < 1:
+            raise ValueError(f"--top {top} is not accepted; give the number of table rows, >= 1 (default 10)")
         calibration = calibration_texts(texts if texts is None else Path(texts), samples)
     except ValueError as exc:
         _fail(str(exc))
+    _check_out(out)
 
     from ..models import DEFAULT_MODEL_NOTE
 
@@ -99,5 +105,8 @@ def scan_command(
     console.print(f"[bold]Recommendation:[/] {report.recommendation()}")
     if report.note:
         console.print(f"[dim]{report.note}[/]")
-    path = report.save(out)
-    console.print(f"wrote {path}/: " + ", ".join(sorted(p.name for p in path.iterdir())))
+    try:
+        path = report.save(out)
+    except (ValueError, OSError) as exc:  # the directory changed during the scan
+        _fail(f"could not write the scan into {out}: {exc}")
+    console.print(f"wrote {path}/: " + ", ".join(n for n in report.OUTPUT_FILES if (path / n).exists()))

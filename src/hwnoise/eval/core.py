@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..report.files import atomic_write_json
+from ..io import atomic_write_json, prepare_out_dir
 from .generate import build_prompts, generate_greedy
 from .report import METRICS, EvalReport, SettingResult
 
@@ -179,7 +179,7 @@ def _record(setting_spec: str, problem: EvalProblem, prompt_text: str, completio
 def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 256, seed: int = 0, *, metric: str = "strict", out: str | os.PathLike | None = None,
              overwrite: bool = False, on_progress: Callable[[str, int, int], None] | None = None,
-             model_name: str | None = None, data_name: str | None = None) -> EvalReport:
+             model_name: str | None = None, data_name: str | None = None, device=None, dtype=None) -> EvalReport:
     """Evaluate ``model`` on ``problems`` clean and under each of ``settings``; return an ``EvalReport``.
 
     problems: ``hwnoise.data.Problem``s (or mappings with id, question, gold); ``n`` keeps the first n.
@@ -190,8 +190,9 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     metric: "strict" (``#### N``) or "flexible" (last number): the one the robustness class uses;
     the report gives both. out: a directory for ``run.json`` and the per-problem ``records.jsonl``
     (written as each batch finishes; a rerun resumes from them); ``overwrite`` starts it afresh.
-    on_progress(setting_label, done, total) is called as batches finish. Bad input raises
-    ValueError before anything is generated.
+    on_progress(setting_label, done, total) is called as batches finish. device, dtype: move / cast
+    the model first (in place; None leaves it as it is, a model spread by a device map too). Bad input
+    raises ValueError before anything is generated.
     """
     import torch
 
@@ -203,6 +204,9 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     emulations = parse_settings(settings)
+    from ..devices import place
+
+    place(model, device, dtype)
     name = _model_name(model, model_name)
     header = _header(name, emulations, seed, batch_size, max_new_tokens, checked)
 
@@ -212,7 +216,7 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     with ExitStack() as stack:
         sink = None
         if out is not None:
-            out = Path(out)
+            out = prepare_out_dir(out, what="out")  # an existing file or a read-only directory: ValueError
             out.mkdir(parents=True, exist_ok=True)
             _prepare_dir(out, header, overwrite)
             records = read_records(out / RECORDS_FILE, repair=True)

@@ -90,7 +90,9 @@ def generate_greedy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int
     for row, p in enumerate(prompts):
         input_ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
         attention_mask[row, width - len(p.ids):] = 1
-    device = next(model.parameters()).device
+    from ..devices import input_device
+
+    device = input_device(model)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
                               pad_token_id=pad)
     with torch.no_grad():

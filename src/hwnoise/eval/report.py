@@ -116,9 +116,9 @@ class EvalReport:
     def save(self, out: str | os.PathLike) -> Path:
         """Write ``eval.json`` (atomically) and ``eval.png`` into ``out``; return the directory."""
         from ..report.eval_views import write_png
-        from ..report.files import atomic_write_json
+        from ..io import atomic_write_json, prepare_out_dir
 
-        out = Path(out)
+        out = prepare_out_dir(out)
         data = self.to_json()
         atomic_write_json(out / "eval.json", data)
         write_png(data, out / "eval.png")

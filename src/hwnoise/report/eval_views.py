@@ -3,7 +3,6 @@ against noise with 95 % Wilson interval bars (matplotlib, Agg)."""
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections import defaultdict
@@ -138,27 +137,13 @@ def render_png(data: dict) -> bytes:
         ax.set_ylim(max(-2.0, low), min(102.0, high) if math.isfinite(high) else 102.0)
     fig.suptitle(f"{data['model']}: n = {data['n']}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    from ..io import figure_bytes
+
+    return figure_bytes(fig)
 
 
 def write_png(data: dict, path: str | os.PathLike) -> Path:
-    """Render and write the PNG atomically (a temporary file renamed into place)."""
-    import tempfile
+    """Render and write the PNG atomically (hwnoise.io)."""
+    from ..io import atomic_write_bytes
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = render_png(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, render_png(data))

@@ -227,7 +227,7 @@ def runs_table(summary: dict):
 
 def write_runs_report(summary: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``runs.json`` and ``runs.md`` into ``out`` atomically; return both paths."""
-    from .files import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json, atomic_write_text, prepare_out_dir
 
-    out = Path(out)
+    out = prepare_out_dir(out)
     return (atomic_write_json(out / "runs.json", summary), atomic_write_text(out / "runs.md", runs_markdown(summary)))

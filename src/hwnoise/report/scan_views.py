@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
+import re
 from pathlib import Path
 
-__all__ = ["PLOTS", "html_page", "render_plots", "table", "write_plots"]
+__all__ = ["PLOTS", "html_page", "render_plots", "short_name", "table", "write_plots"]
 
 # file name -> (title, y label); one plot per metric over decoder-layer index.
 PLOTS = {
@@ -29,12 +29,30 @@ def _fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
     return format(value * scale, spec)
 
 
+_LAYER_PREFIX = re.compile(r"^(?:\w+\.)*?(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+
+
+def short_name(name: str) -> str:
+    """A module name short enough for an 80-column table: ``model.layers.2.mlp.down_proj`` ->
+    ``L2.mlp.down_proj`` (decoder layer 2); a name outside the decoder layers loses its ``model.``
+    prefix. Full names stay in scan.json and the HTML page."""
+    m = _LAYER_PREFIX.match(name)
+    if m:
+        return f"L{m.group(1)}.{m.group(2)}"
+    for prefix in ("model.", "transformer."):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def table(report, n: int = 10, by: str = "layer"):
     """A rich Table of the n worst decoder layers or modules."""
     from rich.table import Table
 
     if by not in ("layer", "module"):
         raise ValueError(f"by must be 'layer' or 'module'; got {by!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} rows is not accepted; give an integer >= 1")
     e2e = report.end_to_end
     if by == "layer":
         t = Table(title=f"Worst decoder layers under {report.format} ({report.mode} mode)")
@@ -51,14 +69,20 @@ def table(report, n: int = 10, by: str = "layer"):
             cells += [f"{l.problematic_modules}/{l.modules}" + (" *" if l.problematic else "")]
             t.add_row(*cells)
         return t
-    t = Table(title=f"Worst modules under {report.format} ({report.mode} mode)")
+    worst = report.worst(n)
+    names = [short_name(r.name) for r in worst]
+    t = Table(title=f"Worst modules under {report.format} ({report.mode} mode)",
+              caption="L<n>: decoder layer n" if any(a != b for a, b in zip(names, (r.name for r in worst))) else None)
     cols = ["module", "SQNR dB", "deadzone %", "saturation %", "rel. error %"]
     cols += ["KL", "loss +"] if e2e else []
     cols += ["problems"]
     for c in cols:
-        t.add_column(c, justify="left" if c in ("module", "problems") else "right")
-    for r in report.worst(n):
-        cells = [r.name, _fmt(r.sqnr_db), _fmt(r.deadzone_ratio, ".2f", 100), _fmt(r.saturation_ratio, ".3f", 100),
+        if c == "module":  # never shortened by rich: the names are the point of the table
+            t.add_column(c, justify="left", no_wrap=True, min_width=max(map(len, names), default=6))
+        else:
+            t.add_column(c, justify="left" if c == "problems" else "right")
+    for r, name in zip(worst, names):
+        cells = [name, _fmt(r.sqnr_db), _fmt(r.deadzone_ratio, ".2f", 100), _fmt(r.saturation_ratio, ".3f", 100),
                  _fmt(r.relative_error, ".1f", 100)]
         cells += [_fmt(r.kl, ".4f"), _fmt(r.loss_increase, "+.4f")] if e2e else []
         cells += [", ".join(r.problems) or "-"]
@@ -72,6 +96,8 @@ def render_plots(report) -> dict[str, bytes]:
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    from ..io import figure_bytes
 
     layers = report.layers
     xs = [l.layer for l in layers]
@@ -101,18 +127,17 @@ def render_plots(report) -> dict[str, bytes]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        out[name] = buf.getvalue()
+        out[name] = figure_bytes(fig)
     return out
 
 
 def write_plots(report, directory: str | os.PathLike) -> dict[str, bytes]:
-    """Write the PNG plots into ``directory`` (ScanReport.save passes a temporary directory that is
-    renamed into place afterwards); returns their bytes (for the HTML page)."""
+    """Write the PNG plots into ``directory``, each atomically; returns their bytes (for the HTML page)."""
+    from ..io import atomic_write_bytes
+
     images = render_plots(report)
     for name, data in images.items():
-        (Path(directory) / name).write_bytes(data)
+        atomic_write_bytes(Path(directory) / name, data)
     return images
 
 

@@ -151,7 +151,8 @@ class CleanPass:
     def _forward(self) -> torch.Tensor:
         c = self.calibration
         with torch.inference_mode():
-            return _logits(self.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False))
+            out = _logits(self.model(input_ids=c.input_ids, attention_mask=c.attention_mask, use_cache=False))
+            return out.to(c.input_ids.device)  # a no-op unless a device map put lm_head elsewhere
 
     def skippable_layers(self, name: str, layer: int | None) -> list[int]:
         """Decoder layers that run before module ``name`` and so may return their cached output."""

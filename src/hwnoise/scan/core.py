@@ -10,6 +10,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from ..devices import input_device, place
 from ..formats import fake_quant, quantize
 from ..formats.registry import get
 from ..select import decoder_layer_index, is_linear, is_rmsnorm, select_modules
@@ -91,6 +92,8 @@ def scan(
     budget_bits: float | None = None,
     held_out=None,
     plan_each: int = DEFAULT_EACH,
+    device=None,
+    dtype=None,
     **format_options,
 ) -> ScanReport:
     """Scan ``model`` module by module under a number format.
@@ -111,6 +114,8 @@ def scan(
     KL a third of the whole-model KL). held_out: texts that re-measure the plan (None: the built-in
     texts after the calibration ones when texts is None, else none; False: none).
     on_step(phase, module_name) is called after each module of each phase ("metrics", "end_to_end").
+    device, dtype: move / cast the model first (in place; None leaves it as it is: a model spread
+    over devices by a device map stays so, and the texts go to its input embedding's device).
     The model's parameters are never written to; hooks are always removed.
     """
     if mode not in MODES:
@@ -137,7 +142,8 @@ def scan(
     if options.get("rounding", spec.rounding) == "stochastic":
         options["seed"] = seed
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    place(model, device, dtype)  # bad names fail before any pass
+    device = input_device(model)
     calibration = tokenize(tokenizer, texts, max_length, device)
     valid_tokens = calibration.attention_mask.bool()
     was_training = model.training
@@ -168,7 +174,8 @@ def scan(
                     y_full = quantize(full, spec, **options)
                     # Metrics on real tokens only; the quantized copy is of the whole input, as in the pass.
                     if full.shape[:2] == valid_tokens.shape:
-                        x, y = full[valid_tokens], y_full[valid_tokens]
+                        here = valid_tokens.to(full.device)  # a model spread over devices
+                        x, y = full[here], y_full[here]
                     else:
                         x, y = full, y_full
                     o = fake_quant._options(x, spec, *(options.get(k) for k in ("scale_mode", "rounding", "block",

@@ -193,8 +193,9 @@ def scan_faults(
     modules = select_modules(model, targets, exclude=SCAN_EXCLUDE, default_exclude=False)
     if not decoder_layers(model):
         raise ValueError("the model has no decoder layers named like 'layers.N' (or 'h.N', 'blocks.N')")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    calibration = tokenize(tokenizer, texts, max_length, device)
+    from ..devices import input_device
+
+    calibration = tokenize(tokenizer, texts, max_length, input_device(model))
     was_training = model.training
     model.eval()
     try:

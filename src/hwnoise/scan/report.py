@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -343,9 +341,15 @@ class ScanReport:
             "targeted": target_list,
         }
 
-    def compare(self, other: "ScanReport") -> dict:
+    def compare(self, other: "ScanReport | str | os.PathLike") -> dict:
         """Before/after or format-vs-format: summaries side by side and per-module and per-layer
-        deltas (other minus self) for the modules both reports hold."""
+        deltas (other minus self) for the modules both reports hold. ``other`` is a ScanReport, or
+        the path of a scan.json (or of the directory holding one)."""
+        if isinstance(other, (str, os.PathLike)):
+            other = ScanReport.load(other)
+        if not isinstance(other, ScanReport):
+            raise TypeError(f"compare takes a ScanReport, or the path of a scan.json; got {type(other).__name__} "
+                            f"{other!r}")
         def summary(r: ScanReport) -> dict:
             return {"model": r.model, "format": r.format, "mode": r.mode, "modules": len(r.rows),
                     "sqnr_db_mean": r.mean("sqnr_db"), "deadzone_ratio_mean": r.mean("deadzone_ratio"),
@@ -428,11 +432,35 @@ class ScanReport:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ScanReport":
-        """From a scan.json file, or a directory holding one."""
+        """From a scan.json file, or a directory holding one. A file that is not a scan written by
+        ``save()`` raises ValueError naming it and what is expected."""
         path = Path(path)
         if path.is_dir():
             path = path / "scan.json"
-        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        if not path.exists():
+            raise FileNotFoundError(f"no scan at {str(path)!r}; expected a scan.json written by hwnoise scan "
+                                    f"(ScanReport.save) or the directory holding it")
+        expected = "expected a scan.json written by hwnoise scan (ScanReport.save)"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r} is not JSON ({exc}); {expected}") from None
+        required = ("model", "format", "mode", "targets", "thresholds", "texts", "tokens", "max_length",
+                    "clean_loss", "end_to_end", "modules", "layers")
+        missing = [k for k in required if not isinstance(data, Mapping) or k not in data]
+        if missing:
+            what = f"a JSON {type(data).__name__}" if not isinstance(data, Mapping) else "JSON without " + ", ".join(
+                repr(k) for k in missing)
+            raise ValueError(f"{str(path)!r} is not a hwnoise scan ({what}); {expected}")
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"{str(path)!r} has scan schema_version {version!r}; this hwnoise reads "
+                             f"versions up to {SCHEMA_VERSION} (a newer hwnoise wrote it?)")
+        try:
+            return cls.from_json(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable hwnoise scan ({type(exc).__name__}: {exc}); "
+                             f"{expected}") from None
 
     # --- views ---------------------------------------------------------------------------
 
@@ -448,37 +476,38 @@ class ScanReport:
 
         return html_page(self)
 
+    # The files save() writes; a name here that a new save does not write (faults.json without a
+    # fault scan, the end-to-end plot without end-to-end) is a stale result of an earlier scan: removed.
+    OUTPUT_FILES = ("scan.json", "sigma_multipliers.json", "faults.json", "scan.html", "scan_sqnr.png",
+                    "scan_deadzone.png", "scan_saturation.png", "scan_end_to_end.png", "plan.json",
+                    "plan_sigma_multipliers.json", "scan_plan.png")
+
     def save(self, directory: str | os.PathLike, plots: bool = True, tiers=DEFAULT_TIERS) -> Path:
-        """Write scan.json, sigma_multipliers.json, scan.html and the PNG plots into ``directory``,
-        atomically: everything is written into a temporary sibling directory first and renamed into
-        place, so an interrupted save leaves the previous directory (or none), never half of one."""
-        from ..report.files import atomic_write_json, atomic_write_text
+        """Write scan.json, sigma_multipliers.json, scan.html and the PNG plots into ``directory``.
+        Only these files are written (each atomically: a temporary file renamed into place); anything
+        else in ``directory`` is left alone. Everything is rendered before the first write, so a
+        failure while rendering leaves the previous files as they were. An existing file or a
+        read-only directory as ``directory`` raises ``hwnoise.io.OutputPathError`` (a ValueError)."""
+        from ..io import atomic_write_bytes, json_text, prepare_out_dir
+        from ..report.scan_views import html_page, render_plots
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            tmp.chmod(0o755)
-            atomic_write_json(tmp / "scan.json", self.to_json())
-            atomic_write_json(tmp / "sigma_multipliers.json", self.sigma_multipliers(tiers))
-            if self.faults is not None:
-                faults = self.faults.to_json() if hasattr(self.faults, "to_json") else self.faults
-                atomic_write_json(tmp / "faults.json", faults)
-            from ..report.scan_views import html_page, write_plots
-
-            images = write_plots(self, tmp) if plots else {}
-            atomic_write_text(tmp / "scan.html", html_page(self, images))
-            for written in tmp.iterdir():
-                written.chmod(0o644)  # temporary files are created private; the results are for everyone
-            if directory.exists():
-                # Move the old directory aside first; the rename of the new one is atomic.
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-                os.replace(directory, old / directory.name)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        directory = prepare_out_dir(directory, what="directory")
+        files: dict[str, bytes] = {
+            "scan.json": json_text(self.to_json()).encode(),
+            "sigma_multipliers.json": json_text(self.sigma_multipliers(tiers)).encode(),
+        }
+        if self.faults is not None:
+            faults = self.faults.to_json() if hasattr(self.faults, "to_json") else self.faults
+            files["faults.json"] = json_text(faults).encode()
+        if self.plan is not None:  # plan.json: module -> format spec, usable as weights:plan.json
+            files["plan.json"] = json_text(self.plan_formats()).encode()
+            files["plan_sigma_multipliers.json"] = json_text(self._plan().sigma_multipliers()).encode()
+        images = render_plots(self) if plots else {}
+        files["scan.html"] = html_page(self, images).encode()
+        files.update(images)
+        for name, data in files.items():
+            atomic_write_bytes(directory / name, data)
+        for name in self.OUTPUT_FILES:
+            if name not in files:
+                (directory / name).unlink(missing_ok=True)
         return directory
