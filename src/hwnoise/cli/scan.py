@@ -40,6 +40,10 @@ def scan_command(
     end_to_end: bool = typer.Option(True, "--end-to-end/--no-end-to-end", help="Measure loss increase and KL with only each module quantized."),
     thresholds: str = typer.Option(None, "--thresholds", help="Problematic when crossed, e.g. 'sqnr_db=20,deadzone_ratio=0.05,saturation_ratio=0.01,relative_error=0.1'."),
     top: int = typer.Option(10, "--top", help="Rows in the table of the worst layers."),
+    plan: str = typer.Option(None, "--plan", help="Search a mixed-precision plan (weight mode) over these formats, comma-separated, besides --format: e.g. 'bf16' or 'mxfp6_e2m3,mxfp8_e4m3,bf16'. Writes plan.json (module -> format), usable as --setting weights:plan.json."),
+    target_kl: float = typer.Option(None, "--target-kl", help="Plan target: the cheapest measured plan with KL (nats) at most this. Default: a third of the whole-model KL."),
+    target_loss: float = typer.Option(None, "--target-loss", help="Plan target: the cheapest measured plan with loss increase (nats/token) at most this."),
+    budget_bits: float = typer.Option(None, "--budget-bits", help="Plan target: the best measured plan within this many effective bits per weight (scale overhead included; bf16 = 16)."),
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = "none",
@@ -62,6 +66,24 @@ def scan_command(
         if top < 1:
             raise ValueError(f"--top {top} is not accepted; give the number of table rows, >= 1 (default 10)")
         calibration = calibration_texts(texts if texts is None else Path(texts), samples)
+        held_out = None
+        if plan is not None:
+            from ..scan.plan import parse_candidates
+
+            parse_candidates(plan, fmt)
+            targets = [n for n, v in (("--target-kl", target_kl), ("--target-loss", target_loss),
+                                      ("--budget-bits", budget_bits)) if v is not None]
+            if len(targets) > 1:
+                raise ValueError(f"give one plan target, not {' and '.join(targets)}")
+            if mode != "weight" or not end_to_end:
+                raise ValueError("--plan chooses weight formats from end-to-end effects: it needs --mode weight "
+                                 "and --end-to-end")
+            # Held out: the texts after the calibration ones, as many (none left: no held-out check).
+            held_out = calibration_texts(texts if texts is None else Path(texts), None)[len(calibration):
+                                                                                        2 * len(calibration)] or None
+        elif any(v is not None for v in (target_kl, target_loss, budget_bits)):
+            raise ValueError("--target-kl, --target-loss and --budget-bits are plan targets: give --plan too "
+                             "(e.g. --plan bf16)")
     except ValueError as exc:
         _fail(str(exc))
     _check_out(out)
@@ -78,12 +100,14 @@ def scan_command(
         task = progress.add_task("scanning", total=phases * len(modules))
 
         def step(phase, name):
-            progress.update(task, advance=1, description=f"{phase:<10} {name}")
+            # The plan search's steps (after the scan's phases) name what runs without advancing the bar.
+            progress.update(task, advance=0 if phase.startswith("plan") else 1, description=f"{phase:<10} {name}")
 
         try:
             report = run_scan(net, tokenizer, calibration, format=fmt, mode=mode, thresholds=threshold_values,
                               end_to_end=end_to_end, samples=None, max_length=max_length or DEFAULT_MAX_LENGTH, on_step=step,
-                              model_name=model)
+                              model_name=model, plan=plan, target_kl=target_kl, target_loss=target_loss,
+                              budget_bits=budget_bits, held_out=held_out if held_out else False)
         except ValueError as exc:
             _fail(str(exc))
     if model in ("default", "smollm2"):
@@ -102,6 +126,18 @@ def scan_command(
     console.print(f"SQNR {s['sqnr_db_min']:.2f} to {s['sqnr_db_max']:.2f} dB (mean {s['sqnr_db_mean']:.2f}); "
                   f"scan took {report.seconds['total']:.1f} s (metrics {report.seconds['metrics']:.1f} s, "
                   f"end-to-end {report.seconds['end_to_end']:.1f} s)")
+    if report.whole_model:
+        w = report.whole_model
+        console.print(f"Whole model (every scanned module in {fmt} at once): loss increase "
+                      f"{w['loss_increase']:+.4f} nats/token, KL {w['kl']:.4f}")
+    if report.plan is not None:
+        from ..report.scan_views import plan_table
+
+        console.print(plan_table(report.plan))
+        cost = report.plan.cost
+        console.print(f"plan search: {cost['forward_passes']['total']} forward passes "
+                      f"({', '.join(f'{k} {v}' for k, v in cost['forward_passes'].items() if k != 'total')}), "
+                      f"{report.seconds.get('plan', 0):.1f} s")
     console.print(f"[bold]Recommendation:[/] {report.recommendation()}")
     if report.note:
         console.print(f"[dim]{report.note}[/]")

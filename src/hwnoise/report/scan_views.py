@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["PLOTS", "html_page", "render_plots", "short_name", "table", "write_plots"]
+__all__ = ["PLOTS", "html_page", "plan_table", "render_plots", "short_name", "table", "write_plots"]
 
 # file name -> (title, y label); one plot per metric over decoder-layer index.
 PLOTS = {
@@ -128,7 +128,70 @@ def render_plots(report) -> dict[str, bytes]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         out[name] = figure_bytes(fig)
+    plan = report._plan() if hasattr(report, "_plan") else None
+    if plan is not None:
+        out["scan_plan.png"] = figure_bytes(_plan_figure(plan, Figure))
     return out
+
+
+def _plan_figure(plan, Figure):
+    """Effective bits per weight vs measured KL and loss increase, every point of the plan search;
+    the Pareto front joined, the chosen plan ringed, the target drawn."""
+    pts = sorted(plan.points, key=lambda p: p["effective_bits"])
+    front = [p for p in pts if p.get("pareto")]
+    fig = Figure(figsize=(7.5, 3.6), dpi=100)
+    for i, (key, label) in enumerate((("kl", "KL (nats)"), ("loss_increase", "loss increase (nats/token)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.scatter([p["effective_bits"] for p in pts], [p[key] for p in pts], s=12, color="grey", label="measured")
+        ax.plot([p["effective_bits"] for p in front], [p[key] for p in front], marker="o", markersize=3,
+                label="Pareto front")
+        chosen = plan.chosen_point
+        if chosen is not None:
+            ax.scatter([chosen["effective_bits"]], [chosen[key]], s=80, facecolors="none", edgecolors="red",
+                       label="plan")
+        t = plan.target
+        if (t["kind"], key) in (("kl", "kl"), ("loss", "loss_increase")):
+            ax.axhline(t["value"], color="red", linestyle="--", linewidth=1, label="target")
+        elif t["kind"] == "bits":
+            ax.axvline(t["value"], color="red", linestyle="--", linewidth=1, label="budget")
+        ax.set_xlabel("effective bits per weight")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Mixed-precision plan: {', '.join(plan.candidates)} (each point measured)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plan_table(plan):
+    """A rich Table of the plan search's measured points (the Pareto table), the chosen one marked."""
+    from rich.table import Table
+
+    t = Table(title=f"Mixed-precision plan: {', '.join(plan.candidates)}; every point measured with the whole plan "
+                    f"in place", caption=f"*: the plan ({plan.target['kind']} target {plan.target['value']:.4g})")
+    for c in ("upgrades", "eff. bits", "loss +", "KL", "Pareto", "last upgrade"):
+        t.add_column(c, justify="left" if c == "last upgrade" else "right")
+    for i, p in enumerate(plan.points):
+        t.add_row(str(p["changes"]) + (" *" if i == plan.chosen else ""), f"{p['effective_bits']:.3f}",
+                  f"{p['loss_increase']:+.4f}", f"{p['kl']:.4f}", "yes" if p.get("pareto") else "",
+                  short_name(p["last"].split(" -> ")[0]) + " -> " + p["last"].split(" -> ")[1] if p.get("last")
+                  else f"all {plan.base}")
+    return t
+
+
+def _plan_html(plan, png, e) -> str:
+    out = [f"<h2>Mixed-precision plan ({e(', '.join(plan.candidates))})</h2>"]
+    if png:
+        out.append(f"<p><img alt='scan_plan.png' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in ("upgrades", "effective bits", "loss increase", "KL",
+                                                       "Pareto", "last upgrade")) + "</tr>"
+    rows = "".join(
+        f"<tr class='{'bad' if i == plan.chosen else ''}'><td>{p['changes']}</td><td>{p['effective_bits']:.3f}</td>"
+        f"<td>{p['loss_increase']:+.4f}</td><td>{p['kl']:.4f}</td><td>{'yes' if p.get('pareto') else ''}</td>"
+        f"<td>{e(p.get('last', 'all ' + plan.base))}</td></tr>" for i, p in enumerate(plan.points))
+    out.append(f"<table>{head}{rows}</table><p><small>Highlighted: the chosen plan. Cost: "
+               f"{e(str(plan.cost.get('forward_passes')))}.</small></p>")
+    return "\n".join(out)
 
 
 def write_plots(report, directory: str | os.PathLike) -> dict[str, bytes]:
@@ -173,8 +236,13 @@ def html_page(report, images: dict[str, bytes] | None = None) -> str:
     if report.note:
         parts.append(f"<p><em>{e(report.note)}</em></p>")
     parts.append("<h2>Recommendation</h2>" + "".join(f"<p>{e(r)}</p>" for r in rec.reasons))
+    plan = report._plan() if hasattr(report, "_plan") else None
+    if plan is not None:
+        parts.append(_plan_html(plan, images.get("scan_plan.png"), e))
     parts.append("<h2>Per-layer plots</h2>")
     for name, png in images.items():
+        if name == "scan_plan.png":
+            continue
         parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
 
     def rows_html(headers, rows):
