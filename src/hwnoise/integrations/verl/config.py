@@ -1,0 +1,415 @@
+"""The hwnoise keys of a verl run: names, validation (before any worker starts) and defaults.
+
+verl accepts new keys only under ``trainer.*`` and ``actor_rollout_ref.rollout.custom`` (a free
+dict that reaches the rollout workers' ``RolloutConfig``), each given with Hydra's ``+``:
+
+    +actor_rollout_ref.rollout.custom.hwnoise.emulation=weights:mxfp4     W4A16 of the weight stream
+    +actor_rollout_ref.rollout.custom.hwnoise.exclude=[lm_head,embed_tokens]
+    +actor_rollout_ref.rollout.custom.hwnoise.aqn.enabled=true            AQN on the engine's norms
+    +actor_rollout_ref.rollout.custom.hwnoise.aqn.schedule=epoch_aware    (and every other key of
+    +actor_rollout_ref.rollout.custom.hwnoise.aqn.sigma_start=0.01         ``hwnoise train``'s aqn
+    ...                                                                    section: same names)
+    +trainer.hwnoise.emulation=relative:0.05@ops       operator noise in every worker process
+    +trainer.hwnoise.ops=[linear,matmul,bmm]
+    +trainer.hwnoise.seed=0
+
+Values speak the project's language: emulation specs are ``hwnoise.Emulation.parse`` strings,
+formats ``hwnoise.formats`` names, schedules ``hwnoise.aqn.schedules``. ``validate(config)``
+returns ``VerlSettings`` or raises ``ConfigError`` naming the key (with close matches for a
+misspelling) and what is accepted; ``prepare(config)`` also fills in the extension points
+(trainer mode, vLLM worker extension, plugin and HWNOISE_* variables in Ray's runtime_env).
+This module needs neither verl nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ...aqn import Constant, EpochAwareDecay, LayerMultipliers, Schedule, StagedDecay
+from ...inject import Emulation
+from ...inject.env import ENV_VARS
+from ...rl.config import AQN_SCHEDULES, AQNConfig
+
+__all__ = [
+    "ASYNC_TRAINER_MODES", "ConfigError", "DELTA_BACKENDS", "KEYS", "PLUGIN_MODULE", "ROLLOUT_PREFIX",
+    "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
+]
+
+ROLLOUT_PREFIX = "actor_rollout_ref.rollout.custom.hwnoise"
+TRAINER_PREFIX = "trainer.hwnoise"
+TRAINER_MODE = "hwnoise_sync"  # the registered HwnoiseTrainer
+PLUGIN_MODULE = "hwnoise.integrations.verl.plugin"
+WORKER_EXTENSION = "hwnoise.integrations.verl.vllm_ext.HwnoiseWorkerExtension"
+ASYNC_TRAINER_MODES = ("colocate_async", "separate_async")
+# Backends that overwrite only changed weight positions in place: noise on unchanged ones would stay.
+DELTA_BACKENDS = ("delta_sharded",)
+DEFAULT_STREAM_EXCLUDE = ("lm_head", "embed_tokens")
+
+_ENV_PATH = "ray_kwargs.ray_init.runtime_env.env_vars"
+_EXT_PATH = "actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls"
+
+_AQN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(AQNConfig)}
+KEYS: dict[str, str] = {
+    f"{ROLLOUT_PREFIX}.emulation": "Rollout emulation spec (hwnoise.Emulation): 'clean' or 'weights:FMT' "
+                                  "(W4A16: every linear weight the rollout engine receives is quantized to FMT).",
+    f"{ROLLOUT_PREFIX}.exclude": "Weight names (substrings or globs) the weight-stream format leaves alone.",
+    **{f"{ROLLOUT_PREFIX}.aqn.{name}": text for name, text in _AQN_HELP.items()},
+    f"{TRAINER_PREFIX}.emulation": "Operator noise in every verl process (actor forward and backward, log-probs, "
+                                   "vLLM workers with enforce_eager): an error spec such as 'relative:0.05@ops'.",
+    f"{TRAINER_PREFIX}.ops": "Operators the noise reaches (hwnoise.noisy_ops names, or 'all').",
+    f"{TRAINER_PREFIX}.seed": "Seed of the operator noise and (unless aqn.seed) of the AQN draws.",
+}
+
+
+class ConfigError(ValueError):
+    """An hwnoise key of a verl config is unknown, malformed, or asks for what cannot work."""
+
+
+# -- reading a verl config (OmegaConf DictConfig or plain dicts) ------------------------------------
+
+
+def _select(config, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        if node is None:
+            return default
+        try:
+            node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+        except Exception:  # an OmegaConf interpolation that does not resolve here
+            return default
+    return default if node is None else node
+
+
+def _plain(value):
+    if hasattr(value, "_content"):  # OmegaConf containers, without importing omegaconf
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _leaves(data, prefix: str):
+    """``(full dotted key, value)`` for every leaf of a nested mapping; sections are the AQN one only."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix} must be a mapping of hwnoise keys; got {data!r} (set e.g. +{prefix}.seed=0)")
+    for key, value in data.items():
+        full = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and (full.endswith(".aqn") or full not in KEYS):
+            yield from _leaves(value, full)
+        else:
+            yield full, value
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(KEYS), n=3, cutoff=0.75)
+    if not close:  # right leaf, wrong place ("trainer.hwnoise.aqn.sigma_start")
+        tail = key.rsplit(".", 1)[-1]
+        close = [k for k in KEYS if k.rsplit(".", 1)[-1] == tail][:3]
+    hint = f"; did you mean {' or '.join('+' + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown hwnoise key {key!r}{hint}\nknown keys: {', '.join(KEYS)}")
+
+
+def _coerce(key: str, value, annotation):
+    """``value`` as the AQNConfig field type ``annotation`` (Hydra already parsed numbers and lists)."""
+    hint = typing.get_type_hints(AQNConfig)[key.rsplit(".", 1)[-1]] if annotation is None else annotation
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{key}={value!r}: expected a list of names, e.g. [{', '.join(map(str, args[:1] or ['rmsnorm']))}]")
+        return tuple(i.strip() for i in items if i.strip())
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    return value
+
+
+# -- the settings -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerlSettings:
+    """What the hwnoise keys of one verl run ask for (validated)."""
+
+    weight_format: str | None = None
+    weight_exclude: tuple[str, ...] = DEFAULT_STREAM_EXCLUDE
+    aqn: AQNConfig | None = None
+    schedule: Schedule | None = None
+    multipliers: LayerMultipliers | None = None
+    seed: int = 0
+    operator_noise: Emulation | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.weight_format or self.aqn or self.operator_noise)
+
+    @property
+    def aqn_seed(self) -> int:
+        return self.aqn.seed if self.aqn is not None and self.aqn.seed is not None else self.seed
+
+    def env_vars(self) -> dict[str, str]:
+        """The HWNOISE_* variables that switch the operator noise on in every worker (``hwnoise.inject.env``)."""
+        if self.operator_noise is None:
+            return {}
+        return {"HWNOISE_ERROR": self.operator_noise.error, "HWNOISE_OPS": ",".join(self.operator_noise.ops),
+                "HWNOISE_SEED": str(self.seed)}
+
+    def sigma_at(self, global_steps: int, total_steps: int, steps_per_epoch: int | None) -> float:
+        """AQN sigma for the rollout of verl's step ``global_steps`` (1-based; 0: before training)."""
+        if self.schedule is None:
+            return 0.0
+        return self.schedule.sigma_at(max(global_steps - 1, 0), total_steps, steps_per_epoch)
+
+    def state(self, global_steps: int, total_steps: int, steps_per_epoch: int | None, active: bool) -> dict:
+        """The payload the trainer broadcasts to the rollout engine's workers (plain data)."""
+        spe = max(int(steps_per_epoch or 0), 1)
+        return {
+            "step": int(global_steps),
+            "epoch": max(global_steps - 1, 0) // spe,
+            "sigma": float(self.sigma_at(global_steps, total_steps, steps_per_epoch)),
+            "seed": int(self.aqn_seed),
+            "active": bool(active),
+            "layer_types": list(self.aqn.layer_types) if self.aqn else ["rmsnorm"],
+            "multipliers": _multipliers_json(self.multipliers),
+        }
+
+
+def _multipliers_json(m: LayerMultipliers | None):
+    if m is None:
+        return None
+    return {"layer_multipliers": {str(k): v for k, v in m.layer_multipliers.items()},
+            "default_multiplier": m.default_multiplier,
+            "targeted": sorted(m.targeted) if m.targeted is not None else None}
+
+
+def _schedule(q: AQNConfig, key: str) -> Schedule:
+    try:
+        if q.schedule == "constant":
+            return Constant(q.sigma_start)
+        if q.schedule == "epoch_aware":
+            return EpochAwareDecay(q.sigma_start, q.sigma_end, stages_per_epoch=q.stages)
+        return StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _rollout_part(values: dict) -> dict:
+    """Rollout-side keys -> VerlSettings fields."""
+    out: dict = {}
+    key = f"{ROLLOUT_PREFIX}.emulation"
+    if key in values:
+        spec = values[key]
+        try:
+            emulation = Emulation.parse(spec)
+        except ValueError as err:
+            raise ConfigError(f"{key}={spec!r}: {err}") from None
+        if emulation.error is not None:
+            raise ConfigError(f"{key}={spec!r}: operator noise reaches every verl process through HWNOISE_* "
+                              f"variables, not the rollout alone; set +{TRAINER_PREFIX}.emulation={emulation.error}"
+                              f"@{emulation.where} instead (and {key}=weights:FMT for the weight format)")
+        if emulation.input_format is not None:
+            raise ConfigError(f"{key}={spec!r}: input formats (inputs:FMT) cannot reach vLLM's kernels; accepted "
+                              "here: 'clean' or 'weights:FMT'")
+        if emulation.aqn_sigma:
+            raise ConfigError(f"{key}={spec!r}: AQN on the rollout engine is set by {ROLLOUT_PREFIX}.aqn.* "
+                              f"(enabled, schedule=constant, sigma_start={emulation.aqn_sigma:g}, ...)")
+        out["weight_format"] = emulation.weight_format
+    key = f"{ROLLOUT_PREFIX}.exclude"
+    if key in values:
+        exclude = values[key]
+        exclude = [exclude] if isinstance(exclude, str) else exclude
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(e, str) and e for e in exclude):
+            raise ConfigError(f"{key}={values[key]!r}: expected a list of weight-name patterns, e.g. [lm_head,embed_tokens]")
+        out["weight_exclude"] = tuple(exclude)
+    aqn_keys = {k.rsplit(".", 1)[-1]: v for k, v in values.items() if k.startswith(f"{ROLLOUT_PREFIX}.aqn.")}
+    if aqn_keys:
+        fields = {name: _coerce(f"{ROLLOUT_PREFIX}.aqn.{name}", v, None) for name, v in aqn_keys.items()}
+        q = AQNConfig(**fields)
+        if not q.enabled:
+            return out
+        if q.schedule not in AQN_SCHEDULES:
+            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.schedule={q.schedule!r}: accepted: {', '.join(AQN_SCHEDULES)}")
+        if tuple(q.layer_types) != ("rmsnorm",):
+            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.layer_types={list(q.layer_types)}: only [rmsnorm] on the vLLM "
+                              "engine (vLLM fuses and shards linear weights, e.g. qkv_proj, so per-weight noise "
+                              "of the trained model does not map onto them)")
+        out["aqn"] = q
+        out["schedule"] = _schedule(q, f"{ROLLOUT_PREFIX}.aqn")
+        if q.multipliers is not None:
+            try:
+                out["multipliers"] = LayerMultipliers.coerce(q.multipliers)
+            except ValueError as err:
+                raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.multipliers: {err}") from None
+    return out
+
+
+def _trainer_part(values: dict) -> dict:
+    out: dict = {}
+    key = f"{TRAINER_PREFIX}.seed"
+    if key in values:
+        out["seed"] = _coerce(key, values[key], int)
+    key = f"{TRAINER_PREFIX}.emulation"
+    ops_key = f"{TRAINER_PREFIX}.ops"
+    if key in values:
+        spec = values[key]
+        try:
+            emulation = Emulation.parse(spec)
+        except ValueError as err:
+            raise ConfigError(f"{key}={spec!r}: {err}") from None
+        if emulation.weight_format or emulation.input_format or emulation.aqn_sigma:
+            raise ConfigError(f"{key}={spec!r}: only operator noise ('relative:0.05@ops') goes here; the rollout "
+                              f"weight format is {ROLLOUT_PREFIX}.emulation=weights:FMT, AQN {ROLLOUT_PREFIX}.aqn.*, "
+                              "and W4A16 of the actor's forward is verl's own QAT "
+                              "(actor_rollout_ref.actor.fsdp_config.qat.*)")
+        if emulation.error is not None and emulation.where != "ops":
+            raise ConfigError(f"{key}={spec!r}: only @ops (operator level) reaches verl's workers; got @{emulation.where}")
+        if emulation.error is not None:
+            if ops_key in values:
+                ops = values[ops_key]
+                ops = ops if ops == "all" or not isinstance(ops, str) else ops.split(",")
+                try:
+                    emulation = dataclasses.replace(emulation, ops=ops)
+                except ValueError as err:
+                    raise ConfigError(f"{ops_key}={values[ops_key]!r}: {err}") from None
+            out["operator_noise"] = emulation
+    elif ops_key in values:
+        raise ConfigError(f"{ops_key} is set but {key} is not; set e.g. +{key}=relative:0.05@ops")
+    return out
+
+
+def _values(config) -> dict:
+    values = {}
+    for prefix in (ROLLOUT_PREFIX, TRAINER_PREFIX):
+        node = _select(config, prefix)
+        if node is not None:
+            values.update(_leaves(_plain(node), prefix))
+    for key in values:
+        if key not in KEYS:
+            raise _unknown(key)
+    # hwnoise keys put where verl has no room for them never reach validation otherwise
+    for misplaced in ("actor_rollout_ref.actor.hwnoise", "actor_rollout_ref.model.hwnoise",
+                      "actor_rollout_ref.rollout.hwnoise", "hwnoise"):
+        if _select(config, misplaced) is not None:
+            raise ConfigError(f"{misplaced}: verl keeps no hwnoise keys there; use +{ROLLOUT_PREFIX}.* "
+                              f"or +{TRAINER_PREFIX}.*")
+    return values
+
+
+def rollout_settings(custom) -> VerlSettings:
+    """The rollout-side settings from ``RolloutConfig.custom`` (in a rollout worker: no trainer keys)."""
+    node = (_plain(custom) or {}).get("hwnoise") if custom is not None else None
+    if node is None:
+        return VerlSettings()
+    values = dict(_leaves(node, ROLLOUT_PREFIX))
+    for key in values:
+        if key not in KEYS:
+            raise _unknown(key)
+    return VerlSettings(**_rollout_part(values))
+
+
+# -- combinations with the rest of verl's config -----------------------------------------------------
+
+
+def _check_combinations(config, s: VerlSettings, *, defaults_pending: bool) -> None:
+    if not s.active:
+        return
+    what = "AQN" if s.aqn else "the weight format" if s.weight_format else "operator noise"
+    if _select(config, "trainer.use_v1", True) is False:
+        raise ConfigError(f"trainer.use_v1=False: the legacy trainer has none of the hooks hwnoise uses for {what}; "
+                          "use the V1 trainer (trainer.use_v1=True, verl's default)")
+    mode = _select(config, "trainer.v1.trainer_mode", "sync")
+    if mode in ASYNC_TRAINER_MODES:
+        raise ConfigError(f"trainer.v1.trainer_mode={mode}: async modes overlap generation with training, so the "
+                          f"per-step noise state and its validation switch have no defined step; use "
+                          f"trainer.v1.trainer_mode={TRAINER_MODE} (the sync trainer with hwnoise's hooks)")
+    if mode != TRAINER_MODE and not (defaults_pending and mode == "sync"):
+        raise ConfigError(f"trainer.v1.trainer_mode={mode}: hwnoise needs trainer.v1.trainer_mode={TRAINER_MODE}")
+    rollout = "actor_rollout_ref.rollout"
+    name = _select(config, f"{rollout}.name", "vllm")
+    backend = _select(config, f"{rollout}.checkpoint_engine.backend", "naive")
+    if s.aqn and backend in DELTA_BACKENDS:
+        raise ConfigError(f"{rollout}.checkpoint_engine.backend={backend}: a delta weight sync overwrites only the "
+                          f"changed weights in place, so AQN noise on unchanged norms would persist across steps; "
+                          f"use backend=naive (or nccl) with {ROLLOUT_PREFIX}.aqn.enabled=true")
+    if s.weight_format and backend in DELTA_BACKENDS:
+        raise ConfigError(f"{rollout}.checkpoint_engine.backend={backend}: delta payloads are not whole weights, so "
+                          f"{ROLLOUT_PREFIX}.emulation=weights:{s.weight_format} cannot quantize them; use backend=naive")
+    if (s.aqn or s.weight_format) and name != "vllm":
+        key = f"{ROLLOUT_PREFIX}.aqn.enabled" if s.aqn else f"{ROLLOUT_PREFIX}.emulation"
+        raise ConfigError(f"{rollout}.name={name}: {key} is implemented for the vLLM rollout only; use "
+                          f"{rollout}.name=vllm")
+    if s.weight_format and _select(config, f"{rollout}.quantization") is not None:
+        raise ConfigError(f"{rollout}.quantization={_select(config, f'{rollout}.quantization')}: verl's rollout "
+                          f"quantization and {ROLLOUT_PREFIX}.emulation=weights:{s.weight_format} would quantize "
+                          "twice; choose one")
+    extension = _select(config, _EXT_PATH)
+    if s.aqn and extension not in (None, WORKER_EXTENSION):
+        raise ConfigError(f"{_EXT_PATH}={extension}: AQN needs {WORKER_EXTENSION} (subclass it to combine "
+                          "with another extension)")
+    if s.operator_noise is not None and not _select(config, f"{rollout}.enforce_eager", False):
+        raise ConfigError(f"{rollout}.enforce_eager=False: with {TRAINER_PREFIX}.emulation="
+                          f"{s.operator_noise.spec} vLLM's CUDA graphs would replay one noise draw (or none); set "
+                          f"{rollout}.enforce_eager=True")
+    env = _plain(_select(config, _ENV_PATH)) or {}
+    if s.operator_noise is not None:
+        wanted = s.env_vars()
+        clash = sorted(k for k in env if k in ENV_VARS and str(env[k]) != wanted.get(k))
+        if clash:
+            raise ConfigError(f"{_ENV_PATH}.{clash[0]} is set and so is {TRAINER_PREFIX}.emulation; "
+                              "give the operator noise once")
+
+
+def validate(config) -> VerlSettings:
+    """Check the hwnoise keys of a composed verl config and their combination with verl's own keys."""
+    values = _values(config)
+    fields = {**_rollout_part(values), **_trainer_part(values)}
+    settings = VerlSettings(**fields)
+    _check_combinations(config, settings, defaults_pending=True)
+    return settings
+
+
+def prepare(config) -> VerlSettings:
+    """``validate``, then fill in what the settings need (an OmegaConf config, changed in place):
+    trainer mode ``hwnoise_sync``, the vLLM worker extension (AQN), and in Ray's runtime_env the
+    plugin (``VERL_USE_EXTERNAL_MODULES``) and the HWNOISE_* variables of the operator noise."""
+    from omegaconf import OmegaConf, open_dict
+
+    settings = validate(config)
+    if not settings.active:
+        return settings
+    with open_dict(config):
+        if _select(config, "trainer.v1.trainer_mode", "sync") == "sync":
+            OmegaConf.update(config, "trainer.v1.trainer_mode", TRAINER_MODE, force_add=True)
+        if settings.aqn is not None:
+            OmegaConf.update(config, _EXT_PATH, WORKER_EXTENSION, force_add=True)
+        env = dict(_plain(_select(config, _ENV_PATH)) or {})
+        modules = [m for m in str(env.get("VERL_USE_EXTERNAL_MODULES", "")).split(",") if m]
+        if PLUGIN_MODULE not in modules:
+            modules.append(PLUGIN_MODULE)
+        env["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules)
+        env.update(settings.env_vars())
+        OmegaConf.update(config, _ENV_PATH, env, force_add=True, merge=False)
+    _check_combinations(config, settings, defaults_pending=False)
+    return settings

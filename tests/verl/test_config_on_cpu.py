@@ -1,0 +1,111 @@
+"""Must-show 3: a verl config composed from verl's own YAML with hwnoise keys validates; a
+misspelled key or an impossible combination stops before any worker starts, naming the key."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from hwnoise.integrations.verl.config import (
+    PLUGIN_MODULE, TRAINER_MODE, WORKER_EXTENSION, ConfigError, prepare, validate,
+)
+
+R = "+actor_rollout_ref.rollout.custom.hwnoise"
+GRID = [f"{R}.emulation=weights:nvfp4", f"{R}.aqn.enabled=true", f"{R}.aqn.schedule=epoch_aware",
+        f"{R}.aqn.sigma_start=0.01", f"{R}.aqn.sigma_end=0.0005", f"{R}.aqn.stages=5",
+        "+trainer.hwnoise.emulation=relative:0.05@ops", "+trainer.hwnoise.seed=7",
+        "actor_rollout_ref.rollout.enforce_eager=True", "actor_rollout_ref.rollout.name=vllm"]
+
+
+def with_override(override):
+    """GRID with ``override`` in place of the grid's own value for that key (or added)."""
+    key = override.split("=", 1)[0].lstrip("+")
+    return [o for o in GRID if o.split("=", 1)[0].lstrip("+") != key] + [override]
+
+
+def verl_config(overrides):
+    """verl's own ppo_trainer config (its packaged YAML), composed by Hydra with ``overrides``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(overrides))
+
+
+def test_grid_config_from_verl_yaml_validates():
+    config = verl_config(GRID)
+    s = validate(config)
+    assert s.weight_format == "nvfp4" and s.aqn.schedule == "epoch_aware" and s.aqn.stages == 5
+    assert s.operator_noise.error == "relative:0.05" and s.seed == 7 and s.aqn_seed == 7
+    assert s.env_vars() == {"HWNOISE_ERROR": "relative:0.05", "HWNOISE_OPS": "linear,matmul,bmm", "HWNOISE_SEED": "7"}
+    # the rollout keys also convert into verl's RolloutConfig (the dataclass its workers receive)
+    from verl.utils.config import omega_conf_to_dataclass
+
+    rollout = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)
+    assert rollout.custom["hwnoise"]["emulation"] == "weights:nvfp4"
+
+
+def test_prepare_fills_the_extension_points():
+    config = verl_config(GRID)
+    prepare(config)
+    assert config.trainer.v1.trainer_mode == TRAINER_MODE
+    assert config.actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls == WORKER_EXTENSION
+    env = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env.VERL_USE_EXTERNAL_MODULES == PLUGIN_MODULE and env.HWNOISE_ERROR == "relative:0.05"
+
+
+def test_no_hwnoise_keys_change_nothing():
+    config = verl_config([])
+    assert not validate(config).active
+    prepare(config)
+    assert config.trainer.v1.trainer_mode == "sync"
+
+
+@pytest.mark.parametrize("override, names", [
+    (f"{R}.aqn.sigma_strat=0.01", ["aqn.sigma_strat", "aqn.sigma_start"]),
+    (f"{R}.emulaton=weights:mxfp4", ["hwnoise.emulaton", "hwnoise.emulation"]),
+    ("+trainer.hwnoise.aqn.sigma_start=0.01", ["trainer.hwnoise.aqn.sigma_start",
+                                               "actor_rollout_ref.rollout.custom.hwnoise.aqn.sigma_start"]),
+    ("+trainer.hwnoise.seeed=1", ["trainer.hwnoise.seeed", "trainer.hwnoise.seed"]),
+])
+def test_misspelled_key_is_named_with_a_suggestion(override, names):
+    with pytest.raises(ConfigError) as err:
+        validate(verl_config(with_override(override)))
+    first = str(err.value).splitlines()[0]
+    assert "unknown hwnoise key" in first and all(n in first for n in names), first
+
+
+@pytest.mark.parametrize("override, key", [
+    ("actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded", "checkpoint_engine.backend=delta_sharded"),
+    ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.trainer_mode=colocate_async"),
+    ("trainer.v1.trainer_mode=separate_async", "trainer.v1.trainer_mode=separate_async"),
+    ("actor_rollout_ref.rollout.enforce_eager=False", "actor_rollout_ref.rollout.enforce_eager=False"),
+    ("actor_rollout_ref.rollout.name=sglang", "actor_rollout_ref.rollout.name=sglang"),
+    ("trainer.use_v1=False", "trainer.use_v1=False"),
+    (f"{R}.aqn.layer_types=[rmsnorm,linear]", "aqn.layer_types"),
+    (f"{R}.aqn.sigma_end=0.0", "aqn"),
+    (f"{R}.aqn.stages=one", "aqn.stages"),
+    (f"{R}.emulation=weights:mxfp5", "hwnoise.emulation='weights:mxfp5'"),
+    (f"{R}.emulation=relative:0.05@ops", "trainer.hwnoise.emulation"),
+    ("+trainer.hwnoise.emulation=weights:mxfp4", "trainer.hwnoise.emulation='weights:mxfp4'"),
+    ("+trainer.hwnoise.ops=[linear,conv]", "trainer.hwnoise.ops"),
+    (f"{R}.aqn.multipliers=/nonexistent/sigma_multipliers.json", "aqn.multipliers"),
+    ("+actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls=my.Ext", "worker_extension_cls=my.Ext"),
+])
+def test_impossible_combination_is_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(verl_config(with_override(override)))
+    assert key in str(err.value), str(err.value)
+
+
+def _main_ppo(*overrides, env=None):
+    return subprocess.run([sys.executable, "-m", "hwnoise.integrations.verl.main_ppo", *overrides],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_main_ppo_stops_before_any_worker_on_a_misspelled_key():
+    run = _main_ppo(*GRID, f"{R}.aqn.sigma_strat=0.01", "trainer.device=cpu")
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "aqn.sigma_strat" in run.stderr and "sigma_start" in run.stderr
+    assert "ray init kwargs" not in run.stdout  # verl's run_ppo prints this before ray.init
