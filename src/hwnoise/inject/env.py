@@ -72,6 +72,13 @@ def config_from_env(environ=None) -> dict | None:
                               f"{', '.join(errors.names())} (with HWNOISE_SCALE), or unset {given}")
     text = values["HWNOISE_ERROR"]
     scale = None
+    name, colon, params = text.strip().partition(":")
+    if "HWNOISE_SCALE" in values and colon and params.strip():
+        # Two sources for one parameter: neither may silently win.
+        raise HwnoiseEnvError(
+            f"HWNOISE_ERROR={text!r} already gives its parameters and HWNOISE_SCALE={values['HWNOISE_SCALE']!r} "
+            f"is set too; give the scale once: HWNOISE_ERROR={name.strip()!r} with HWNOISE_SCALE, or "
+            f"HWNOISE_ERROR={text!r} without HWNOISE_SCALE")
     if "HWNOISE_SCALE" in values:
         try:
             scale = float(values["HWNOISE_SCALE"])
