@@ -174,10 +174,55 @@ def resolve(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
         raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory")
     if _looks_like_path(text):
         raise FileNotFoundError(f"No such model file or directory: {text}")
-    return text
+    return _hub_or_cached(text)
 
 
 # --- helpers -----------------------------------------------------------------
+
+
+_HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (offline mode, or no TCP connection to its endpoint within a
+    few seconds), else None. Behind a proxy the direct probe means nothing, so it is skipped."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(var) for var in _PROXY_VARS):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"no connection to {host}:{port}: {exc}"
+    return None
+
+
+def _hub_or_cached(spec: str) -> Path | str:
+    """A hub id as is when the hub answers; offline, its copy in the local HF cache, or a clear
+    error at once (instead of transformers' retries, tens of seconds of them)."""
+    reason = _hub_unreachable()
+    if reason is None:
+        return spec
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except (OSError, ValueError):
+        raise OSError(
+            f"Cannot load model {spec!r}: it is neither a local path nor a reachable Hugging Face hub id "
+            f"(the hub is unreachable: {reason}; the local HF cache holds no copy of it). Pass a local path: a Hugging "
+            f"Face model directory (config.json and weights) or a .gguf file, or 'default' for the bundled "
+            f"SmolLM2-135M-Instruct."
+        ) from None
 
 
 def _looks_like_path(text: str) -> bool:
