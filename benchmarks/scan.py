@@ -58,7 +58,7 @@ def main() -> None:
                 "end-to-end s", "end-to-end s / module", f"< {TARGET_S:.0f} s"):
         table.add_column(col, justify="right")
     runs = []
-    for run in range(args.repeats):
+    for run in range(0 if args.plan else args.repeats):  # with --plan: only the with/without table
         t = time.perf_counter()
         report = hn.scan(model, tokenizer, format=args.format, mode=args.mode, samples=args.samples,
                          max_length=args.max_length)
@@ -93,7 +93,7 @@ def main() -> None:
                                f"{s['plan']:.1f}", str(passes), f"{within:.2f}",
                                "yes" if t_plan <= 2 * t_plain else "NO")
         console.print(plan_table)
-        del plain
+    report = planned if args.plan else report
     summary = report.to_json()["summary"]
     console.print(f"{report.tokens} calibration tokens; SQNR {summary['sqnr_db_min']:.2f} to "
                   f"{summary['sqnr_db_max']:.2f} dB (mean {summary['sqnr_db_mean']:.2f}); "

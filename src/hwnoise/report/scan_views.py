@@ -144,7 +144,7 @@ def _plan_figure(plan, Figure):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.scatter([p["effective_bits"] for p in pts], [p[key] for p in pts], s=12, color="grey", label="measured")
         ax.plot([p["effective_bits"] for p in front], [p[key] for p in front], marker="o", markersize=3,
-                label="Pareto front")
+                label="Pareto front (by KL)")
         chosen = plan.chosen_point
         if chosen is not None:
             ax.scatter([chosen["effective_bits"]], [chosen[key]], s=80, facecolors="none", edgecolors="red",
