@@ -19,8 +19,13 @@ def _quiet_third_party_logs() -> None:
 
     import transformers
 
+    import warnings
+
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # TRL toggles checkpointing around each generation through transformers' deprecated aliases
+    # (hwnoise's own arguments use the new names): 24 warnings a run that a user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -155,11 +160,11 @@ def progress_bar(transient: bool = True) -> Progress | PlainProgress:
                     console=console, transient=transient)
 
 
-def _check_out(path) -> None:
+def _check_out(path, what: str = "--out") -> None:
     """The output directory of a command, checked before any work starts (exit 2 with a message)."""
     from ..io import OutputPathError, prepare_out_dir
 
     try:
-        prepare_out_dir(path)
+        prepare_out_dir(path, what=what)
     except OutputPathError as exc:
         _fail(str(exc))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import _fail, _quiet_third_party_logs, app, console, progress_bar
+from .common import _check_out, _fail, _quiet_third_party_logs, app, console, progress_bar
 
 
 @app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +36,10 @@ def train_command(
         items.append(f"run_dir={run_dir}")
     try:
         cfg = TrainConfig.from_yaml(config, items)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _check_out(cfg.run_dir, what="--out" if run_dir is not None else "run_dir")
+    try:
         preflight(cfg, resume)  # before any weight loads
     except ConfigError as exc:
         _fail(str(exc))
@@ -76,7 +80,8 @@ def train_command(
                     describe(state)
 
                 def on_step_end(self, args, state, control, **kwargs):
-                    describe(state)
+                    if not control.should_log:  # else on_log follows and shows this step's reward
+                        describe(state)
 
             trainer.remove_callback(PrinterCallback)  # the progress line replaces the raw log dicts
             trainer.add_callback(Progress())

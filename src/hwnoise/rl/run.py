@@ -136,6 +136,12 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
 
         bf16 = (not cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     report_to = [r for r in log.report_to if r != "none"] or "none"
+    import dataclasses
+
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in
+                     dataclasses.fields(GRPOConfig)} else "gradient_checkpointing")
+    extra.setdefault(checkpointing, a.gradient_checkpointing)
     return GRPOConfig(
         output_dir=str(config.run_dir),
         per_device_train_batch_size=a.batch_size,
@@ -150,7 +156,6 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
         num_iterations=a.num_iterations,
         loss_type=a.loss_type,
         mask_truncated_completions=a.mask_truncated_completions,
-        gradient_checkpointing=a.gradient_checkpointing,
         max_steps=config.steps if config.steps is not None else -1,
         num_train_epochs=config.epochs if config.epochs is not None else 1,
         seed=config.seed,
