@@ -53,6 +53,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int = DEFAULT_MAX_LENG
 
     Only ``tokenizer(text)["input_ids"]`` is used, so any HF tokenizer or a stand-in works; texts
     shorter than two tokens carry no next-token prediction and are an error."""
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(f"a scan needs the model's tokenizer (text -> {{'input_ids': ...}}); got {tokenizer!r}. "
+                         "hwnoise.models.load(...) returns (model, tokenizer) together")
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2 (tokens per text); got {max_length!r}")
     rows = []

@@ -14,6 +14,8 @@ from pathlib import Path
 __all__ = ["BUILTIN_TEXTS", "DEFAULT_SAMPLES", "calibration_texts", "read_texts"]
 
 DEFAULT_SAMPLES = 8
+# A one-line string ending so, or holding no whitespace at all, names a file (it must exist).
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".md")
 
 # Interleaved (prose, code, arithmetic, ...) so that the first N texts are a mix for any N.
 BUILTIN_TEXTS = (
@@ -93,16 +95,34 @@ def read_texts(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def _names_a_file(text: str) -> bool:
+    if "\n" in text or not text.strip():
+        return False
+    stripped = text.strip()
+    return (Path(stripped).expanduser().is_file() or not any(c.isspace() for c in stripped)
+            or stripped.lower().endswith(TEXT_FILE_SUFFIXES))
+
+
 def calibration_texts(texts: Iterable[str] | str | os.PathLike | None = None,
                       samples: int | None = DEFAULT_SAMPLES) -> list[str]:
     """The calibration texts: the built-in set (None), a file path, or a sequence of strings;
-    the first ``samples`` of them (None: all). Empty input is a ValueError."""
+    the first ``samples`` of them (None: all). Empty input is a ValueError.
+
+    A single string is a file path when it is one line and either names an existing file, holds
+    no whitespace, or ends in a text-file suffix (.txt, .jsonl, .json, .csv, .tsv, .md); a path
+    that does not exist is a ValueError, never calibration text. Any other string is one text;
+    to calibrate on a one-word text, pass it in a list (``["hello"]``)."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples must be a positive integer or None; got {samples!r}")
     if texts is None:
         items = list(BUILTIN_TEXTS)
-    elif isinstance(texts, os.PathLike) or (isinstance(texts, str) and "\n" not in texts and Path(texts).is_file()):
-        items = read_texts(texts)
+    elif isinstance(texts, os.PathLike) or (isinstance(texts, str) and _names_a_file(texts)):
+        path = Path(texts.strip()).expanduser() if isinstance(texts, str) else texts
+        if isinstance(texts, str) and not path.is_file():
+            raise ValueError(f"texts file {texts!r} does not exist (a one-line string without spaces, or ending "
+                             f"in {', '.join(TEXT_FILE_SUFFIXES)}, is read as a path); to use it as one "
+                             f"calibration text, pass a list: texts=[{texts!r}]")
+        items = read_texts(path)
     elif isinstance(texts, str):
         items = [texts]  # one text
     else:
