@@ -1,17 +1,22 @@
-"""Operator-level noise: ``noisy_ops(error)`` routes linear / matmul / bmm (and more) to noisy ops.
+"""Operator-level noise: ``noisy_ops(error)`` routes every GEMM form (and more) to noisy ops.
 
-Inside ``with noisy_ops(error, ops=("linear", "matmul", "bmm")):`` every call of ``F.linear``,
-``torch.matmul``, ``Tensor.matmul``, the ``@`` operator, ``torch.bmm`` and ``Tensor.bmm`` runs a
-noisy version whose backward is noisy too:
+Inside ``with noisy_ops(error, ops=("linear", "matmul", "bmm")):`` every GEMM call runs a noisy
+version whose backward is noisy too. The three GEMM ops and the calls each one takes:
+
+    linear   F.linear; torch.addmm / Tensor.addmm (x @ W + b: Hugging Face's Conv1D, GPT-2 family)
+    matmul   torch.matmul, Tensor.matmul, ``@``, torch.mm, Tensor.mm, torch.linalg.matmul,
+             torch.einsum of two or more operands (every spelling: equation, list, sublists)
+    bmm      torch.bmm, Tensor.bmm, torch.baddbmm, Tensor.baddbmm, torch.addbmm, Tensor.addbmm
 
     y        = error(x @ W^T + b)                    key (seed, op, "forward",     step)
     grad x   = error(grad_y @ W)                     key (seed, op, "grad_input",  step)
     grad W   = error(grad_y^T @ x)                   key (seed, op, "grad_weight", step)
 
-For ``matmul``/``bmm`` (``a @ b``) the first operand's gradient is "grad_input" and the second's
-"grad_weight". The site is the operator's name and the step counts that operator's calls since the
-block was entered, so a replay of the same program in a fresh block draws the same noise; the
-backward of a call uses its forward's step, whatever order autograd runs it in.
+For ``a @ b`` forms the first operand's gradient is "grad_input" and the second's "grad_weight"
+(an added bias's gradient is clean, as F.linear's). The site is the operator's name and the step
+counts that operator's calls since the block was entered, so a replay of the same program in a
+fresh block draws the same noise; the backward of a call uses its forward's step, whatever order
+autograd runs it in.
 
 ``ops="all"`` adds softmax, silu, gelu, layer_norm and rms_norm (``F.*``, ``torch.*`` and Tensor
 methods): noisy result, noisy grad_input, and a noisy grad_weight for the norms' weights.
@@ -21,10 +26,18 @@ attention (``F.scaled_dot_product_attention``) is one kernel, not matmul calls: 
 with ``attn_implementation="eager"`` to have its two GEMMs noised, or add op "sdpa", which runs
 it as noisy matmul -> softmax -> matmul.
 
+What was noised: ``mode.stats()`` counts the noisy calls per op; ``noisy_ops(..., audit=True)``
+also counts every torch call that passed through clean, and ``mode.audit()["unnoised_gemms"]``
+names the GEMM-like ones (a GEMM of an op left out of ``ops``, convolutions, ``tensordot``, fused
+attention without "sdpa", calls with ``out=``). A GEMM inside a custom kernel (a C++/Triton
+extension) makes no torch call and is not seen: check with ``audit`` once per new model.
+
 Mechanism: a ``torch.overrides.TorchFunctionMode`` (a registry keyed by operator, pushed on entry
 and popped on exit: nothing global stays changed after the block). A ``with`` block is per thread;
 ``hwnoise.inject.env.enable_from_env`` (``import hwnoise.autoload``) is the process-wide switch.
-The draws themselves are two custom ops, ``hwnoise::next_step`` and ``hwnoise::keyed_noise``:
+In eager mode the step and keys are Python ints and the gradient noise an autograd.Function that
+holds its key: no tensor is made and nothing is read back from the device per call. Under
+``torch.compile`` the draws are two custom ops, ``hwnoise::next_step`` and ``hwnoise::keyed_noise``:
 ``torch.compile`` traces through the mode and keeps them as opaque graph nodes (no graph break;
 ``fullgraph=True`` works), and they run eagerly at run time, so the step counters advance per call,
 not per trace. The compiler may order independent calls differently from eager mode, so compiled
@@ -50,12 +63,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ErrorModel, get as get_error, noise_key
-from .keys import StepCounter
+from .keys import StepCounter, perturb, perturb_grad
 from .phases import check_phase, phase_active
 
 aten = torch.ops.aten
 
-__all__ = ["ALL_OPS", "DEFAULT_OPS", "OPS", "NoisyOps", "noisy_ops", "register_op"]
+__all__ = ["ALL_OPS", "DEFAULT_OPS", "GEMM_LIKE", "OPS", "NoisyOps", "noisy_ops", "register_op"]
 
 DEFAULT_OPS = ("linear", "matmul", "bmm")
 
@@ -156,16 +169,21 @@ def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, an
         isinstance(args[i], torch.Tensor) and args[i].requires_grad for i, _ in grad_slots)
     if not (mode.forward or wants_grad):
         return compute(*args)
-    if not wants_grad and not torch.compiler.is_compiling():
-        # Eager, no backward noise: the same counter and key as the custom ops. Without autograd
-        # (generation, evaluation) the error applies directly, skipping the ops' dispatcher round
-        # trip (~0.1 ms a call, most of a decode step's noise cost); with autograd the keyed_noise
-        # op keeps its straight-through gradient.
-        y = compute(*args)
+    if not torch.compiler.is_compiling():
+        # Eager: the step and keys are Python ints and the gradient noise an autograd.Function holding
+        # its key, so no tensor is made for the bookkeeping (no host work between a device's GEMMs)
+        # and the custom ops' dispatcher round trip is skipped; same counter and keys as the custom ops.
         step = mode._steps.next(name)
-        if not y.requires_grad:
-            return mode.error.apply(y, noise_key(mode.seed, name, "forward", step))
-        return torch.ops.hwnoise.keyed_noise(y, torch.tensor(step, dtype=torch.int64), mode._id, name, "forward")
+        if wants_grad:
+            args = list(args)
+            for i, role in grad_slots:
+                if isinstance(args[i], torch.Tensor) and args[i].requires_grad:
+                    args[i] = perturb_grad(args[i], mode.error, noise_key(mode.seed, name, role, step))
+        y = compute(*args)
+        if mode.forward:
+            y = perturb(y, mode.error, noise_key(mode.seed, name, "forward", step))
+        return y
+    # Traced by torch.compile: the step comes from an op that runs at run time (one CPU scalar per call).
     step = torch.ops.hwnoise.next_step([a for a in anchors if isinstance(a, torch.Tensor)], mode._id, name)
     if wants_grad:
         args = list(args)
@@ -194,14 +212,54 @@ def _pointwise(mode: "NoisyOps", name: str, compute, x, weight=None):
 
 # The noisy ops compute with aten ops: those pass through the mode untouched, also when a graph
 # compiled with backend="eager" replays the traced calls inside the block.
-@register_op("linear", (F.linear,))
+@register_op("linear", (F.linear, torch.addmm, torch.Tensor.addmm))
 def _linear(mode, name, func, args, kwargs):
-    a = _args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
-    return _gemm(mode, name, aten.linear, a["input"], a["weight"], (a["bias"],))
+    if func is F.linear:
+        a = _args(args, kwargs, ("input", "weight", "bias"), {"bias": None})
+        return _gemm(mode, name, aten.linear, a["input"], a["weight"], (a["bias"],))
+    # addmm(bias, x, W) = beta * bias + alpha * (x @ W): a linear layer's GEMM (HF Conv1D, GPT-2)
+    a = _args(args, kwargs, ("input", "mat1", "mat2"), {"beta": 1, "alpha": 1})
+    return _gemm(mode, name, lambda x, w, c: aten.addmm(c, x, w, beta=a["beta"], alpha=a["alpha"]),
+                 a["mat1"], a["mat2"], (a["input"],))
 
 
-@register_op("matmul", (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__))
+def _einsum_operands(args) -> tuple[str, list]:
+    """(equation, operands) of ``torch.einsum(eq, *ops)``, ``einsum(eq, [ops])`` or the sublist form."""
+    if isinstance(args[0], str):
+        operands = args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]
+        return args[0], list(operands)
+    # einsum(op1, sublist1, op2, sublist2, ..., [output sublist]); indices 0..51 are a-z, A-Z
+    def letters(sub):
+        return "".join("..." if i is Ellipsis else chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26)
+                       for i in sub)
+
+    pairs = len(args) // 2
+    equation = ",".join(letters(sub) for sub in args[1:2 * pairs:2])
+    if len(args) % 2:
+        equation += "->" + letters(args[-1])
+    return equation, list(args[0:2 * pairs:2])
+
+
+def _einsum(mode, name, func, args, kwargs):
+    """A contraction of two or more operands is a GEMM: noisy result; the first operand's gradient
+    is "grad_input", the others' "grad_weight". One operand (a trace, a transpose) passes through."""
+    equation, operands = _einsum_operands(args)
+    if len(operands) < 2 or not all(isinstance(o, torch.Tensor) for o in operands):
+        return func(*args, **kwargs)
+    slots = tuple((i, "grad_input" if i == 0 else "grad_weight") for i in range(len(operands)))
+    return _noisy_call(mode, name, lambda *ops: aten.einsum(equation, list(ops)), operands, slots, operands)
+
+
+@register_op("matmul", (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+                        torch.linalg.matmul, torch.mm, torch.Tensor.mm, torch.einsum))
 def _matmul(mode, name, func, args, kwargs):
+    if func is torch.einsum:
+        return _einsum(mode, name, func, args, kwargs)
+    if func in (torch.mm, torch.Tensor.mm):
+        a = _args(args, kwargs, ("input", "mat2"), {})
+        return _gemm(mode, name, aten.mm, a["input"], a["mat2"])
     a = _args(args, kwargs, ("input", "other"), {})
     left, right = a["input"], a["other"]
     if func is torch.Tensor.__rmatmul__:  # b.__rmatmul__(a) is a @ b
@@ -211,10 +269,17 @@ def _matmul(mode, name, func, args, kwargs):
     return _gemm(mode, name, aten.matmul, left, right)
 
 
-@register_op("bmm", (torch.bmm, torch.Tensor.bmm))
+@register_op("bmm", (torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.addbmm,
+                     torch.Tensor.addbmm))
 def _bmm(mode, name, func, args, kwargs):
-    a = _args(args, kwargs, ("input", "mat2"), {})
-    return _gemm(mode, name, aten.bmm, a["input"], a["mat2"])
+    if func in (torch.bmm, torch.Tensor.bmm):
+        a = _args(args, kwargs, ("input", "mat2"), {})
+        return _gemm(mode, name, aten.bmm, a["input"], a["mat2"])
+    # baddbmm / addbmm: beta * input + alpha * (batch1 @ batch2), summed over the batch for addbmm
+    a = _args(args, kwargs, ("input", "batch1", "batch2"), {"beta": 1, "alpha": 1})
+    op = aten.baddbmm if func in (torch.baddbmm, torch.Tensor.baddbmm) else aten.addbmm
+    return _gemm(mode, name, lambda b1, b2, c: op(c, b1, b2, beta=a["beta"], alpha=a["alpha"]),
+                 a["batch1"], a["batch2"], (a["input"],))
 
 
 @register_op("softmax", (F.softmax, torch.softmax, torch.Tensor.softmax))
@@ -284,6 +349,30 @@ def _sdpa(mode, name, func, args, kwargs):
 
 ALL_OPS = tuple(OPS)
 
+# Torch calls that are (or contain) a matrix product, for the audit's "unnoised_gemms".
+GEMM_LIKE = frozenset({
+    "linear", "bilinear", "matmul", "mm", "addmm", "bmm", "baddbmm", "addbmm", "einsum", "mv",
+    "addmv", "dot", "vdot", "inner", "outer", "ger", "addr", "tensordot", "chain_matmul", "multi_dot", "rmatmul", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "scaled_dot_product_attention", "scaled_mm", "sparse_mm",
+})
+_MODULES = {"torch._C._nn": "torch.nn.functional", "torch._C._linalg": "torch.linalg", "torch.functional": "torch",
+            "torch._C._VariableFunctions": "torch", None: "torch"}
+
+
+def _call_name(func) -> str:
+    """A readable name of a torch callable: ``torch.mm``, ``Tensor.mm``, ``torch.nn.functional.linear``."""
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if qualname.endswith(".__get__") and hasattr(getattr(func, "__self__", None), "__name__"):
+        return f"Tensor.{func.__self__.__name__}"  # a property such as Tensor.shape
+    if qualname.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + qualname.split(".", 1)[1]
+    if qualname.startswith("_VariableFunctionsClass."):
+        return "torch." + qualname.split(".", 1)[1]
+    module = _MODULES.get(getattr(func, "__module__", None), getattr(func, "__module__", None))
+    if module == "torch.linalg" and qualname.startswith("linalg_"):
+        qualname = qualname[len("linalg_"):]
+    return f"{module}.{qualname}"
+
 
 def _resolve_ops(ops) -> tuple[str, ...]:
     if isinstance(ops, str):
@@ -301,8 +390,10 @@ def _resolve_ops(ops) -> tuple[str, ...]:
 class NoisyOps(TorchFunctionMode):
     """The mode ``noisy_ops`` returns: a context manager; ``stats()`` gives calls per op."""
 
-    def __init__(self, error, ops=DEFAULT_OPS, forward=True, backward=True, seed=0, phase="both"):
+    def __init__(self, error, ops=DEFAULT_OPS, forward=True, backward=True, seed=0, phase="both", audit=False):
         super().__init__()
+        if not isinstance(audit, bool):
+            raise ValueError(f"audit must be True or False; got {audit!r}")
         if not isinstance(error, ErrorModel):
             error = get_error(error)  # a name alone has no scale: get explains what is missing
         for flag, value in (("forward", forward), ("backward", backward)):
@@ -318,6 +409,7 @@ class NoisyOps(TorchFunctionMode):
         self.phase = check_phase(phase)
         self._table = {func: (name, OPS[name][1]) for name in self.ops for func in OPS[name][0]}
         self._steps = StepCounter()
+        self._passed: collections.Counter | None = collections.Counter() if audit else None
         self._id = next(_NEXT_ID)
 
     def __repr__(self):
@@ -327,6 +419,8 @@ class NoisyOps(TorchFunctionMode):
     def _activate(self):
         """Start a scope: counters from step 0, the id resolvable by the custom ops."""
         self._steps.reset()  # a fresh scope replays from step 0
+        if self._passed is not None:
+            self._passed.clear()
         _MODES[self._id] = self
         if self._id in _EXITED:
             _EXITED.remove(self._id)
@@ -353,6 +447,8 @@ class NoisyOps(TorchFunctionMode):
         # Calls with out= pass through: compiled code runs its own GEMM kernels that way
         # (extern_kernels.bmm(..., out=buf)) after the noise was put in its graph.
         if entry is None or kwargs.get("out") is not None:
+            if self._passed is not None:
+                self._passed[_call_name(func)] += 1
             return func(*args, **kwargs)
         if self.phase != "both":
             if torch.compiler.is_compiling():
@@ -367,13 +463,28 @@ class NoisyOps(TorchFunctionMode):
         """Noisy calls per op name in the current (or last) block."""
         return self._steps.counts()
 
+    def audit(self) -> dict[str, dict[str, int]]:
+        """What the block noised and what it let through (needs ``noisy_ops(..., audit=True)``).
+
+        ``noised``: noisy calls per op (``stats()``); ``passed``: every other torch call by name
+        (``torch.conv2d``, ``Tensor.view``...); ``unnoised_gemms``: the GEMM-like ones among them
+        (a GEMM form of an op not in ``ops``, a convolution, ``tensordot``, fused attention without
+        "sdpa", a call with ``out=``). GEMMs inside custom kernels make no torch call: not seen here.
+        """
+        if self._passed is None:
+            raise RuntimeError("audit() needs noisy_ops(..., audit=True); stats() gives the noisy calls")
+        passed = dict(self._passed)
+        gemms = {k: v for k, v in passed.items() if k.rsplit(".", 1)[-1].strip("_") in GEMM_LIKE}
+        return {"noised": self.stats(), "passed": passed, "unnoised_gemms": gemms}
+
 
 def noisy_ops(error, ops=DEFAULT_OPS, forward: bool = True, backward: bool = True, seed: int = 0,
-              phase: str = "both") -> NoisyOps:
+              phase: str = "both", audit: bool = False) -> NoisyOps:
     """Scoped operator-level noise: ``with noisy_ops(RelativeGaussian(0.05)): loss.backward()``.
 
     error: an error model (``hwnoise.errors``). ops: names from ``ALL_OPS`` or ``"all"``.
     forward / backward: noise on results / on the grad_input and grad_weight GEMMs.
     seed: keys every draw with the op name, role and call count. phase: "both", "rollout", "training".
+    audit: also count every torch call that passed through clean (``mode.audit()``).
     """
-    return NoisyOps(error, ops=ops, forward=forward, backward=backward, seed=seed, phase=phase)
+    return NoisyOps(error, ops=ops, forward=forward, backward=backward, seed=seed, phase=phase, audit=audit)
