@@ -23,7 +23,7 @@ def train_command(
 ) -> None:
     """Fine-tune with GRPO/DAPO (TRL) while rollouts run under an emulated format or noise, with AQN."""
     from ..rl import ConfigError, TrainConfig
-    from ..rl.run import preflight
+    from ..rl.run import finished_at, preflight
 
     if keys:
         for key, text in TrainConfig.fields_help().items():
@@ -40,9 +40,14 @@ def train_command(
         _fail(str(exc))
     _check_out(cfg.run_dir, what="--out" if run_dir is not None else "run_dir")
     try:
-        preflight(cfg, resume)  # before any weight loads
+        checkpoint = preflight(cfg, resume)  # before any weight loads
     except ConfigError as exc:
         _fail(str(exc))
+    done = finished_at(checkpoint)
+    if done is not None:
+        console.print(f"{cfg.run_dir}: this run already finished (step {done[0]} of {done[1]}, {checkpoint}); "
+                      "nothing to train. To train further, start a new run with more steps.")
+        return
 
     from ..rl import train
 

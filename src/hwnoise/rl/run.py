@@ -9,12 +9,14 @@ the way out ``train`` still checks that no AQN noise is left on the weights.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "latest_checkpoint", "preflight", "train"]
+__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "finished_at", "latest_checkpoint",
+           "preflight", "train"]
 
 CONFIG_FILE = "hwnoise_config.yaml"
 RUN_FILE = "run.json"
@@ -267,6 +269,19 @@ def latest_checkpoint(run_dir) -> str | None:
     return str(found[-1]) if found else None
 
 
+def finished_at(checkpoint) -> tuple[int, int] | None:
+    """``(step, max_steps)`` when ``checkpoint`` (a ``checkpoint-N`` directory) ends its run, i.e. its
+    ``trainer_state.json`` has reached ``max_steps``; None when training would continue from it."""
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        step, max_steps = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no readable state: let the Trainer say what is wrong with the checkpoint
+    return (step, max_steps) if max_steps > 0 and step >= max_steps else None
+
+
 def _resolve_resume(resume, run_dir) -> str | None:
     if resume in (None, False, ""):
         return None
@@ -317,13 +332,17 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
 
     Writes hwnoise_config.yaml (the resolved config) before training and run.json after, also when
     training raises (status "failed", then the exception propagates). trainer_hook(trainer) is
-    called once the trainer is built (the CLI attaches its progress display there).
+    called once the trainer is built (the CLI attaches its progress display there). Resuming from a
+    checkpoint that already reached the run's last step (see ``finished_at``) trains nothing and
+    leaves every file as it is: the run directory is returned at once.
     """
     from ..report import atomic_write_json, atomic_write_text
     from .callbacks import read_evals
 
     run_dir = Path(config.run_dir)
     checkpoint = preflight(config, resume, model)
+    if finished_at(checkpoint) is not None:
+        return run_dir  # the Trainer would run one step past max_steps
     t0 = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, reward_funcs=reward_funcs, callbacks=callbacks,
                             on_eval=on_eval)
