@@ -11,7 +11,7 @@ DEMO_OUT ?= hwnoise-out
 VENV_VERL  := .venv-verl
 STAMP_VERL := $(VENV_VERL)/.hwnoise-verl-installed
 
-.PHONY: demo test test-main test-verl venv venv-verl bench clean
+.PHONY: demo test test-main test-verl venv venv-verl bench clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -48,3 +48,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VENV_VERL) $(DEMO_OUT) .pytest_cache .hypothesis
+
+# What a GPU machine without network needs to run benchmarks/gpu_check.sh: wheels for Python 3.12
+# (the versions this environment was tested with) and the bundled model's config and tokenizer.
+GPU_WHEELS := trl==1.16.0 torchao==0.18.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d gpu-wheels $(GPU_WHEELS)
+	$(BIN)/python benchmarks/gpu_model.py export gpu-wheels/smollm2-skeleton
