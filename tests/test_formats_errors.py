@@ -67,6 +67,25 @@ def test_spec_string_errors(spec, pattern):
         q(fmt=spec)
 
 
+@pytest.mark.parametrize("spec, key, first, second", [
+    ("mxfp4:floor,ceil", "scale_mode", "floor", "ceil"),  # kept the last one silently
+    ("mxfp4:rceil,scale_mode=even", "scale_mode", "rceil", "scale_mode=even"),
+    ("mxfp4:rne,stochastic", "rounding", "rne", "stochastic"),
+    ("mxfp4:block=32,block=16", "block", "block=32", "block=16"),
+    ("nvfp4:nvidia,flavor=torchao", "flavor", "nvidia", "flavor=torchao"),
+])
+def test_conflicting_format_options_are_refused(spec, key, first, second):
+    pattern = rf"(?s)conflicting {key} in {re.escape(repr(spec))}.*{re.escape(repr(first))} and {re.escape(repr(second))}"
+    with pytest.raises(ValueError, match=pattern):
+        get(spec)
+    with pytest.raises(ValueError, match=pattern):
+        q(fmt=spec)
+
+
+def test_repeated_identical_format_option_is_accepted():
+    assert get("mxfp4:rceil,scale_mode=rceil") == get("mxfp4:rceil")
+
+
 def test_spec_string_bad_block_number():
     with pytest.raises(ValueError, match=r"(?s)(?=.*'abc')(?=.*block)"):
         get("mxfp4:block=abc")

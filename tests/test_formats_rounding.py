@@ -2,12 +2,17 @@
 the compiled fast path against the eager reference."""
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
 import hwnoise as hn
 from hwnoise.formats import fake_quant as quantize_module
+from hwnoise.formats.compiled import COMPILE_MIN_NUMEL
+
+from test_formats_properties import assert_bit_equal
 
 DRAWS = 1000
 
@@ -100,7 +105,7 @@ def test_out_parameter_writes_in_place():
                                       ("mxfp4_2d", {}), ("bf16", {}), ("fp16", {}), ("nvfp4", {"flavor": "torchao"}),
                                       ("fp8_e4m3", {}), ("hif4", {})])
 def test_compiled_path_equals_eager_bit_for_bit(fmt, opts, monkeypatch):
-    n = quantize_module.COMPILE_MIN_NUMEL
+    n = COMPILE_MIN_NUMEL
     # The second (ragged) shape makes torch.compile recompile with symbolic sizes: check it too.
     for shape in [(n // 512, 512), (n // 300 + 3, 1000)]:
         x = torch.randn(shape) * torch.logspace(-4, 4, shape[1])
@@ -109,8 +114,82 @@ def test_compiled_path_equals_eager_bit_for_bit(fmt, opts, monkeypatch):
         eager = hn.quantize(x, fmt, **opts)
         monkeypatch.setenv("HWNOISE_COMPILE", "1")
         compiled = hn.quantize(x, fmt, **opts)
-        assert any(key[0].fmt.name == hn.formats.get(fmt).name for key in quantize_module._compiled)
-        assert torch.equal(eager.nan_to_num(7.0), compiled.nan_to_num(7.0))
+        assert any(key[0].fmt.name == hn.formats.get(fmt).name for key in quantize_module._CACHE.keys())
+        assert not quantize_module._CACHE.eager_keys
+        assert_bit_equal(eager, compiled, f"{fmt} {opts} compiled")  # signed zeros and NaN included
         out = torch.empty_like(x)
         hn.quantize(x, fmt, out=out, **opts)
-        assert torch.equal(eager.nan_to_num(7.0), out.nan_to_num(7.0))
+        assert_bit_equal(eager, out, f"{fmt} {opts} out=")
+
+
+# --------------------------------------------------------------------------------------------
+# Rounding corners, against exact arithmetic (fractions.Fraction), not the library's own output
+# --------------------------------------------------------------------------------------------
+
+E2M1_GRID = [Fraction(v) for v in ("0", "0.5", "1", "1.5", "2", "3", "4", "6")]
+INT8_GRID = [Fraction(k, 64) for k in range(128)]  # OCP MX INT8: k * 2^-6, symmetric
+# (format, block max that makes the E8M0 scale exactly 1 under floor, grid of magnitudes)
+UNIT_SCALE = [("mxfp4", 4.0, E2M1_GRID), ("mxint8", 1.0, INT8_GRID)]
+
+
+def half_away_reference(x: float, grid: list[Fraction]) -> float:
+    """Nearest grid magnitude, ties away from zero, in exact rational arithmetic; sign of x kept."""
+    a = abs(Fraction(x))
+    best = min(grid, key=lambda g: (abs(g - a), -g))  # on a tie the larger magnitude wins
+    return math.copysign(float(best), x)
+
+
+def around_midpoints(grid: list[Fraction], ulps: int = 2) -> list[float]:
+    """Every midpoint between neighbouring grid magnitudes, and the fp32 values a few ulps either side."""
+    out = []
+    for lo, hi in zip(grid, grid[1:]):
+        m = np.float32(float((lo + hi) / 2))
+        below = above = m
+        for _ in range(ulps):
+            below, above = np.nextafter(below, np.float32(0)), np.nextafter(above, np.float32(np.inf))
+            out += [float(below), float(above)]
+        out.append(float(m))
+    return out
+
+
+@pytest.mark.parametrize("fmt,block_max,grid", UNIT_SCALE, ids=[u[0] for u in UNIT_SCALE])
+def test_half_away_just_below_a_midpoint_rounds_down(fmt, block_max, grid):
+    # floor(r + 0.5) rounded r = 0.5 - 2^-25 to 1: the fp32 sum 1 - 2^-25 is a tie that rounds to 1.0.
+    values = around_midpoints(grid)
+    values += [-v for v in values]
+    x = torch.zeros(len(values), 32)
+    x[:, 0] = block_max  # every row is one block at scale 1: the element grid itself
+    x[:, 1] = torch.tensor(values)
+    y = hn.quantize(x, fmt, rounding="half_away")[:, 1].tolist()
+    expected = [half_away_reference(v, grid) for v in values]
+    wrong = [(v.hex(), got, want) for v, got, want in zip(values, y, expected) if got != want]
+    assert not wrong, wrong[:5]
+
+
+def test_half_away_reproducers_from_the_audit():
+    x = torch.zeros(32)
+    x[0], x[1] = 4.0, float.fromhex("0x1.fffffep-3")  # 0.25 - 2^-26: nearer to 0 than to 0.5
+    assert hn.quantize(x, "mxfp4", rounding="half_away")[1].item() == 0.0
+    x[0], x[1] = 1.0, float.fromhex("0x1.fffffep-8")  # (1/128) - 2^-31: nearer to 0 than to 1/64
+    assert hn.quantize(x, "mxint8", rounding="half_away")[1].item() == 0.0
+
+
+def test_stochastic_rounding_never_moves_values_on_the_grid():
+    # floor(r + u) in fp32 rounds r = 100 + u = 1 - 2^-24 up to 101: an exact grid value moved.
+    # The audit's reproducer: 2^20 copies of 100/64 in MX INT8 blocks whose max is 127/64 (scale 1).
+    x = torch.full((1 << 15, 33), 100 / 64)
+    x[:, 0] = 127 / 64
+    x = x.flatten()[: (1 << 20) + (1 << 15)]
+    y = hn.quantize(x, "mxint8", rounding="stochastic", seed=0)
+    assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("fmt,block_max,grid", UNIT_SCALE, ids=[u[0] for u in UNIT_SCALE])
+def test_stochastic_rounding_keeps_every_grid_value(fmt, block_max, grid):
+    values = [float(g) for g in grid] + [-float(g) for g in grid if g]
+    x = torch.zeros(200, len(values) + 1)  # every element with 200 x 4 draws
+    x[:, 0] = block_max
+    x[:, 1:] = torch.tensor(values)
+    for seed in range(4):
+        y = hn.quantize(x, fmt, rounding="stochastic", block=x.shape[1], seed=seed)
+        assert torch.equal(y, x), seed

@@ -131,18 +131,39 @@ def ceil_log2(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a == 0, torch.full_like(e, -150), e)
 
 
+def round_half_away(r: torch.Tensor) -> torch.Tensor:
+    """Round non-negative r to the nearest integer, ties up, exactly. Not floor(r + 0.5): the fp32
+    sum rounds first, so r = 0.5 - 2^-25 gives 1 - 2^-25, a tie that rounds to 1.0."""
+    whole = torch.floor(r)
+    return whole + (r - whole >= 0.5).to(r.dtype)  # r - floor(r) is exact in fp32
+
+
+def round_stochastic(r: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """floor(r + u) for non-negative r and u in [0, 1), evaluated exactly: up with probability frac(r).
+
+    The fp32 sum r + u can round up across an integer (r = 100, u = 1 - 2^-24 gives 101), which
+    would move a value already on the grid. up <=> frac + u >= 1. For frac >= 0.5, 1 - frac is exact
+    (Sterbenz); otherwise up needs u > 0.5, where 1 - u is exact, and for u <= 0.5 the rounded
+    1 - u >= 0.5 > frac. Same draws, same result as the exact sum: only the misrounded cases change."""
+    whole = torch.floor(r)
+    frac = r - whole  # exact
+    u = uniform.to(torch.float32)
+    up = torch.where(frac >= 0.5, u >= 1.0 - frac, frac >= 1.0 - u)
+    return whole + up.to(r.dtype)
+
+
 def _round_integer(r: torch.Tensor, rounding: str, uniform: torch.Tensor | None) -> torch.Tensor:
-    """Round non-negative r to an integer."""
+    """Round non-negative r to an integer, exactly as the mode says (no intermediate fp32 sum)."""
     if rounding == "rne":
         return torch.round(r)  # half to even
     if rounding == "half_away":
-        return torch.floor(r + 0.5)  # r >= 0, so half away from zero is half up
+        return round_half_away(r)  # r >= 0, so half away from zero is half up
     if rounding == "toward_zero":
         return torch.floor(r)
     if rounding == "stochastic":
         if uniform is None:
             raise ValueError("stochastic rounding needs uniform draws")
-        return torch.floor(r + uniform)  # up with probability frac(r): unbiased
+        return round_stochastic(r, uniform)
     raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
 
 

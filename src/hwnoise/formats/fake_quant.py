@@ -7,21 +7,19 @@ HWNOISE_COMPILE=0 to stay eager.
 
 from __future__ import annotations
 
-import os
-import types
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
 from .blocks import from_blocks, normalize_axes, normalize_block, to_blocks
+from .compiled import CompileCache, worth_compiling
 from .elements import ROUNDING_MODES, round_to_element
+from .hif4 import quantize_groups
 from .registry import FLAVORS, FormatSpec, get
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STE_MODES = ("identity", "clipped")
-COMPILE_MIN_NUMEL = 1 << 16  # below this, eager is as fast as a compiled call
 
 
 @dataclass(frozen=True)
@@ -113,8 +111,6 @@ def fake_quantize(x: torch.Tensor, o: Options, uniform: torch.Tensor | None) -> 
     elif fmt.family == "nvfp4":
         yb = kernels.nvfp4_blocks(xb, _finite_amax(x32), fmt.element, o.rounding, ub, o.flavor)
     elif fmt.family == "hif4":
-        from .hif4 import quantize_groups
-
         yb = quantize_groups(xb, o.rounding, ub)
     else:  # pragma: no cover - the registry only holds known families
         raise AssertionError(fmt.family)
@@ -139,30 +135,12 @@ def saturation_mask(x: torch.Tensor, o: Options) -> torch.Tensor:
         limit = kernels.E2M1_MAX * sb * ts if o.flavor == "nvidia" else kernels.E2M1_MAX * ts * sb
     else:
         # HiF4: no single block maximum; use the largest magnitude the group produced.
-        from .hif4 import quantize_groups
-
         limit = quantize_groups(xb, "rne", None).abs().amax(dim=-1, keepdim=True)
     return from_blocks(xb.abs() > limit, layout)
 
 
-_compiled: dict[tuple, object] = {}
-_compile_broken = False
-
-
-def _compile_enabled() -> bool:
-    return os.environ.get("HWNOISE_COMPILE", "1") not in ("0", "false", "no") and not _compile_broken
-
-
 def _into(out: torch.Tensor, t: torch.Tensor, o: Options, u) -> torch.Tensor:
     return out.copy_(fake_quantize(t, o, u))
-
-
-def _own_code(fn, tag: int):
-    """A copy of `fn` with a code object of its own. Dynamo keys its cache, its recompile limit
-    and its shape tracking by code object: sharing one across option sets made every call walk
-    the guards of all the others (5x slower with five formats in use) and hit the limit at 8."""
-    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 _BODIES = {
@@ -186,31 +164,17 @@ _BODIES = {
 }
 
 
+_CACHE = CompileCache("quantize")
+
+
 def _call(kind: str, o: Options, x: torch.Tensor, *args):
     """Run `kind` for option set `o`: compiled for large tensors, eager otherwise."""
-    global _compile_broken
-    eager = _BODIES[kind](o)
-    if _use_compiled(x):
-        fn = _compiled.get((o, kind))
-        if fn is None:
-            # dynamic=None: a second shape recompiles once with symbolic sizes, not once per shape.
-            fn = _compiled[(o, kind)] = torch.compile(_own_code(eager, len(_compiled)), dynamic=None,
-                                                      fullgraph=True)
-        try:
-            return fn(x, *args)
-        except Exception as exc:  # a broken toolchain must not break quantization: stay eager
-            _compile_broken = True
-            warnings.warn(f"hwnoise: torch.compile failed ({type(exc).__name__}: {exc}); using the eager path",
-                          RuntimeWarning, stacklevel=3)
-    return eager(x, *args)
-
-
-def _use_compiled(x: torch.Tensor) -> bool:
-    return x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling()
+    body = _BODIES[kind](o)
+    return _CACHE.run((o, kind), body, x, *args) if worth_compiling(x) else body(x, *args)
 
 
 def _run(x: torch.Tensor, o: Options, uniform, out: torch.Tensor | None = None) -> torch.Tensor:
-    if o.fmt.family in ("mx", "nvfp4") and _use_compiled(x):
+    if o.fmt.family in ("mx", "nvfp4") and worth_compiling(x):
         return _run_staged(x, o, uniform, out)
     return _call("quantize", o, x, uniform) if out is None else _call("quantize_into", o, x, uniform, out)
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .elements import round_stochastic
+
 GROUP_SIZE = 64
 L2_SIZE = 8  # elements sharing one level-2 exponent bit
 L3_SIZE = 4  # elements sharing one level-3 exponent bit
@@ -95,14 +97,7 @@ def _round_quarters(v: torch.Tensor, rounding: str, uniform: torch.Tensor | None
     if rounding == "stochastic":
         if uniform is None:
             raise ValueError("stochastic rounding needs `uniform` (U[0,1) draws of x's shape)")
-        # floor(v + u), evaluated exactly: fp32 v + u can round up across an integer (v = 2, u = 1 - 2^-24
-        # gives 3). up <=> frac + u >= 1. For frac >= 0.5, 1 - frac is exact (Sterbenz); otherwise up
-        # needs u > 0.5, where 1 - u is exact, and for u <= 0.5 the rounded 1 - u >= 0.5 > frac.
-        whole = torch.floor(v)
-        frac = v - whole  # exact
-        u = uniform.to(torch.float32)
-        up = torch.where(frac >= 0.5, u >= 1.0 - frac, frac >= 1.0 - u)
-        return whole + up.to(v.dtype)
+        return round_stochastic(v, uniform)  # floor(v + u) evaluated exactly, as for every format
     raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
 
 

@@ -151,9 +151,13 @@ def nvfp4_apply_scales(xb, encode, block_scale, tensor_scale, nonfinite, elem: E
     v = torch.clamp(xb * encode, -E2M1_MAX, E2M1_MAX)
     if flavor == "torchao":
         # A subnormal tensor scale makes 1/t inf and 0 * inf NaN, which torchao turns into garbage
-        # codes; zero stays zero here.
-        v = torch.where(xb == 0, torch.zeros_like(v), v)
+        # codes; zero stays zero here, with its sign (torchao keeps -0.0).
+        v = torch.where(xb == 0, xb, v)
     q = round_to_element_fast(v, elem, rounding, uniform)
+    if flavor == "nvidia":
+        # TE's cast_to_fp4x2 picks the negative codes for scaled values < 0 only: -0.0 (and a product
+        # that underflows to -0.0) becomes +0, negatives that round to zero stay -0.0.
+        q = torch.where(v == 0, torch.zeros_like(q), q)
     if want_codes:
         return q
     return nvfp4_decode(q, block_scale, tensor_scale, nonfinite, flavor)

@@ -136,6 +136,13 @@ def parse_options(text: str, fmt: FormatSpec) -> dict:
     """Parse "rceil,block=32x32,rounding=stochastic" into options; bare words are a scale mode,
     a rounding mode or a flavor, whichever they name."""
     out: dict = {}
+    given: dict = {}  # option -> the part of `text` that set it, to name both sides of a conflict
+
+    def put(key, value, part):
+        if key in out and out[key] != value:
+            raise ValueError(f"conflicting {key} in {fmt.name + ':' + text!r}: {given[key]!r} and {part!r}; give one {key}")
+        out[key], given[key] = value, part
+
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" in part:
             key, value = (s.strip() for s in part.split("=", 1))
@@ -145,17 +152,17 @@ def parse_options(text: str, fmt: FormatSpec) -> dict:
                 except ValueError:
                     raise ValueError(f"bad block {value!r} in {text!r}; accepted: an int such as 32 or a tile "
                                      f"such as 32x32") from None
-                out["block"] = dims[0] if len(dims) == 1 else tuple(dims)
+                put("block", dims[0] if len(dims) == 1 else tuple(dims), part)
             elif key in ("scale_mode", "rounding", "flavor"):
-                out[key] = value
+                put(key, value, part)
             else:
                 raise ValueError(f"unknown format option {key!r} in {text!r}; known: scale_mode, rounding, block, flavor")
         elif part in SCALE_MODES:
-            out["scale_mode"] = part
+            put("scale_mode", part, part)
         elif part in ROUNDING_MODES:
-            out["rounding"] = part
+            put("rounding", part, part)
         elif part in FLAVORS.get(fmt.family, ()):
-            out["flavor"] = part
+            put("flavor", part, part)
         else:
             raise ValueError(
                 f"unknown format option {part!r} for {fmt.name}; accepted: scale modes {', '.join(SCALE_MODES)}, "

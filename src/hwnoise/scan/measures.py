@@ -14,13 +14,15 @@ import math
 import torch
 
 from ..formats import fake_quant
+from ..formats.compiled import CompileCache, worth_compiling
 
 __all__ = ["tensor_stats", "stats_to_metrics"]
 
 # Raw sums, pooled over tensors for per-layer aggregates.
 STAT_KEYS = ("signal", "noise", "relative_error_sum", "nonzero", "deadzone", "saturated", "numel")
 
-_compiled: dict = {}
+# dynamic=True: a scan meets many weight shapes; one graph per option set serves them all.
+_CACHE = CompileCache("scan statistics", dynamic=True)
 
 
 def _stats_body(o: fake_quant.Options):
@@ -50,18 +52,7 @@ def tensor_stats(x: torch.Tensor, y: torch.Tensor, o: fake_quant.Options) -> dic
     """Raw sums for x and its quantized copy y under resolved options ``o`` (see STAT_KEYS)."""
     body = _stats_body(o)
     x, y = x.detach(), y.detach()
-    if x.numel() >= fake_quant.COMPILE_MIN_NUMEL and fake_quant._compile_enabled():
-        fn = _compiled.get(o)
-        if fn is None:
-            fn = _compiled[o] = torch.compile(body, dynamic=True, fullgraph=True)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=fake_quant.RECOMPILE_LIMIT):
-                values = fn(x, y)
-        except Exception:  # a broken toolchain must not break the scan: stay eager
-            _compiled[o] = body
-            values = body(x, y)
-    else:
-        values = body(x, y)
+    values = _CACHE.run(o, body, x, y) if worth_compiling(x) else body(x, y)
     values = values.tolist()
     out = dict(zip(STAT_KEYS[:-1], values))
     for key in ("nonzero", "deadzone", "saturated"):
