@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import hwnoise as hn  # noqa: E402
 
-FORMATS = ("mxfp4", "nvfp4", "mxfp8_e4m3", "mxfp6_e2m3", "hif4", "fp8_e4m3")
+FORMATS = ("mxfp4", "nvfp4", "mxfp8_e4m3", "hif4")  # each compiles per dtype: kept to what fits one run
 TORCHAO_TARGETS = ("mxfp4", "nvfp4")
 
 

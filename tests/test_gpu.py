@@ -120,16 +120,35 @@ def eager_reference(monkeypatch):
 # --- formats: bit-exact against the CPU eager reference ---------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=_case_id)
-@pytest.mark.parametrize("size", [(48, 256), (384, 1024)], ids=["eager", "compiled"])
-def test_format_on_cuda_equals_cpu_eager_reference(case, dtype, size, eager_reference):
+def _check_format(case, dtype, size, reference):
     name, opts = case
     x = adversarial(*size, dtype)
-    expected = eager_reference(x, name, **opts)
+    expected = reference(x, name, **opts)
     actual = hn.quantize(x.to(CUDA), name, **opts)
     assert actual.device.type == "cuda"
     assert_bits_equal(actual.cpu(), expected, f"{_case_id(case)} {dtype} {size}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=_case_id)
+def test_format_on_cuda_equals_cpu_eager_reference(case, dtype, eager_reference):
+    """Below COMPILE_MIN_NUMEL: the eager kernels on CUDA tensors."""
+    _check_format(case, dtype, (48, 256), eager_reference)
+
+
+# Each (format, options, dtype) compiles its own kernels (seconds each): the compiled path is held
+# on the formats and options whose kernels differ, not on every alias.
+COMPILED_CASES = [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("mxfp4", {"block": (32, 32)}),
+                  ("mxfp6_e2m3", {}), ("mxfp8_e4m3", {}), ("mxint8", {}), ("nvfp4", {}), ("nvfp4", {"flavor": "torchao"}),
+                  ("hif4", {}), ("fp8_e4m3", {}), ("bf16", {})]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=_case_id)
+def test_format_on_cuda_compiled_equals_cpu_eager_reference(case, dtype, eager_reference):
+    """At or above COMPILE_MIN_NUMEL: the torch.compile'd kernels on CUDA (never silently eager)."""
+    _check_format(case, dtype, (384, 1024), eager_reference)
+    assert not fake_quant._compile_broken, "torch.compile failed on CUDA: the eager fallback was tested instead"
 
 
 def test_the_large_case_really_takes_the_compiled_path():
