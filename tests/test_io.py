@@ -340,3 +340,10 @@ def test_scan_table_at_80_columns_shows_short_module_names(tiny):
     for r in worst:
         layer = r.name.split(".")[2]
         assert f"L{layer}.{'.'.join(r.name.split('.')[3:])}" in out
+
+
+def test_formats_table_is_not_cut_to_80_columns_when_piped(tiny, tmp_path):
+    result = runner.invoke(app, ["formats", "tiny", "--formats", "mxfp4,nvfp4", "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ mxfp4") or line.startswith("│ nvfp4")]
+    assert len(rows) == 2 and not any("…" in row for row in rows), result.output

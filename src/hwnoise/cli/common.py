@@ -160,6 +160,19 @@ def progress_bar(transient: bool = True) -> Progress | PlainProgress:
                     console=console, transient=transient)
 
 
+def _print_wide(renderable, width: int = 150) -> None:
+    """Piped or logged output gets 80 columns from rich: too narrow for eight columns of numbers."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    saved = console.width
+    console.width = max(saved, width)
+    try:
+        console.print(renderable)
+    finally:
+        console.width = saved
+
+
 def _check_out(path, what: str = "--out") -> None:
     """The output directory of a command, checked before any work starts (exit 2 with a message)."""
     from ..io import OutputPathError, prepare_out_dir

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _check_out, _fail, _load_model, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, _print_wide, app, console, progress_bar
 
 
 def _numbers(text: str | None, what: str) -> list[float]:
@@ -50,19 +50,6 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
         if canonical not in out:
             out.append(canonical)
     return out
-
-
-def _print_wide(renderable, width: int = 150) -> None:
-    """Piped or logged output gets 80 columns from rich: too narrow for eight columns of numbers."""
-    if console.is_terminal:
-        console.print(renderable)
-        return
-    saved = console.width
-    console.width = max(saved, width)
-    try:
-        console.print(renderable)
-    finally:
-        console.width = saved
 
 
 @app.command("eval")

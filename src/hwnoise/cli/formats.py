@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _check_out, _fail, _load_model, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, _print_wide, app, console, progress_bar
 
 
 @app.command("formats")
@@ -73,7 +73,7 @@ def formats_command(
         table.add_row(name, f"{r['bits_per_value']:.3g}", f"{r['sqnr_db_total']:.2f}", f"{r['sqnr_db_mean']:.2f}",
                       f"{r['sqnr_db_min']:.2f}", f"{r['mse']:.3e}", f"{r['relative_error']:.4f}",
                       f"{100 * r['deadzone_ratio']:.3f}", f"{100 * r['saturation_ratio']:.3f}")
-    console.print(table)
+    _print_wide(table)
     note = DEFAULT_MODEL_NOTE if model in ("default", "smollm2") else None
     if note:
         console.print(f"[dim]{note}[/]")
