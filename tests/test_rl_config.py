@@ -42,7 +42,7 @@ def test_yaml_nested_sections_and_dotted_keys_mean_the_same(tmp_path):
 
 def test_overrides_take_their_types_from_the_dataclass():
     c = TrainConfig.from_dict({"steps": 3}, [
-        "steps=6", "aqn.sigma_start=1e-2", "aqn.enabled=true", "lora.targets=q_proj, v_proj",
+        "steps=6", "aqn.sigma_start=1e-2", "aqn.enabled=true", "finetune=lora", "lora.targets=q_proj, v_proj",
         "emulation.weight_format=mxfp4", "algorithm.epsilon_high=0.28", "eval.settings=[clean, rollout]",
         "data.eval=null", "run_dir=out/x=1",
     ])
