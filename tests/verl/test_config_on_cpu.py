@@ -109,3 +109,27 @@ def test_main_ppo_stops_before_any_worker_on_a_misspelled_key():
     assert run.returncode == 2, run.stderr[-2000:]
     assert "aqn.sigma_strat" in run.stderr and "sigma_start" in run.stderr
     assert "ray init kwargs" not in run.stdout  # verl's run_ppo prints this before ray.init
+
+
+GRID_RUNS = [f"{v}{lora}" for v in ("clean", "noise5", "noise5-aqn", "mxfp4", "mxfp4-aqn", "nvfp4", "nvfp4-aqn")
+             for lora in ("", "-lora")]
+
+
+@pytest.mark.parametrize("run", GRID_RUNS)
+def test_examples_grid_command_lines_compose_and_validate(run):
+    """The exact command lines of examples/verl/grid.sh compose with verl's YAML and pass hwnoise's checks."""
+    import shlex
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "verl" / "grid.sh"
+    out = subprocess.run(["bash", str(script), run], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PRINT": "1"}).stdout
+    argv = shlex.split(out)
+    assert argv[:3] == ["python", "-m", "hwnoise.integrations.verl.main_ppo"]
+    config = verl_config(argv[3:])
+    settings = prepare(config)
+    variant = run.removesuffix("-lora")
+    assert (settings.aqn is not None) == variant.endswith("-aqn")
+    assert settings.weight_format == {"mxfp4": "mxfp4", "nvfp4": "nvfp4"}.get(variant.split("-")[0])
+    assert (settings.operator_noise is not None) == variant.startswith("noise5")
+    assert (config.actor_rollout_ref.model.lora_rank > 0) == run.endswith("-lora")

@@ -5,6 +5,7 @@ in Ray's runtime_env, then ``import verl`` in the actor's process), sees noisy `
 methods, which Ray runs on an asyncio thread; with no HWNOISE_* variable it sees clean results.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -78,13 +79,22 @@ def test_plugin_registers_the_rollout_adapter():
     assert run.stdout.strip() == "hwnoise.integrations.verl.rollout.HwnoiseServerAdapter"
 
 
+def test_bad_variable_refuses_to_start_the_way_verl_loads_it():
+    # verl re-raises errors of VERL_USE_EXTERNAL_MODULES at `import verl`: the worker never starts
+    run = _python("import verl", VERL_USE_EXTERNAL_MODULES=PLUGIN, HWNOISE_ERROR="relatve:0.05")
+    assert run.returncode != 0
+    assert "HWNOISE_ERROR" in run.stderr and "relatve" in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("env, named", [
-    ({"HWNOISE_ERROR": "relatve:0.05"}, "HWNOISE_ERROR"),
     ({"HWNOISE_ERROR": "relative", "HWNOISE_SCALE": "five"}, "HWNOISE_SCALE"),
     ({"HWNOISE_SCALE": "0.05"}, "HWNOISE_ERROR"),
     ({"HWNOISE_ERROR": "relative:0.05", "HWNOISE_OPS": "linear,conv9"}, "HWNOISE_OPS"),
 ])
-def test_bad_variables_refuse_to_start(env, named):
-    run = _python("import verl", VERL_USE_EXTERNAL_MODULES=PLUGIN, **env)
-    assert run.returncode != 0
-    assert named in run.stderr, run.stderr[-2000:]
+def test_bad_variables_make_the_plugin_import_raise(env, named, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    sys.modules.pop(PLUGIN, None)
+    with pytest.raises(ValueError, match=named):
+        importlib.import_module(PLUGIN)
+    assert PLUGIN not in sys.modules

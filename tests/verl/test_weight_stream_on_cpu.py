@@ -13,9 +13,9 @@ from hwnoise.integrations.verl.rollout import StreamStats, fake_quantize_stream,
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "hif4"])
 def test_linear_weights_quantized_others_passed(fmt):
-    model = tiny_llama(torch.bfloat16)
+    model = tiny_llama(torch.bfloat16, layers=1, hidden=64)
     stream = [(n, p.detach()) for n, p in model.named_parameters()]
-    stream.append(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.randn(4, 256, dtype=torch.bfloat16)))
+    stream.append(("model.layers.0.self_attn.q_proj.lora_A.weight", torch.randn(4, 64, dtype=torch.bfloat16)))
     stats = StreamStats()
     out = dict(fake_quantize_stream(iter(stream), fmt, stats=stats))
     for name, tensor in stream:
@@ -27,7 +27,7 @@ def test_linear_weights_quantized_others_passed(fmt):
             assert not torch.equal(got, tensor), name
         else:
             assert got is tensor, name
-    assert stats.weights_quantized == 3 * 7 and 0 < stats.sqnr_db < 40
+    assert stats.weights_quantized == 7 and 0 < stats.sqnr_db < 40
 
 
 def test_mxfp4_values_on_the_fp4_grid():
