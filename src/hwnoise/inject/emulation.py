@@ -11,8 +11,18 @@ for a block and restores the model exactly on exit, also when the block raises:
 - ``aqn_sigma``: AQN-style Gaussian noise on the RMSNorm weights with a constant sigma.
 
 Spec strings name the same thing in one line (``Emulation.parse``): parts joined by ``+``, each
-one of ``clean``, ``weights:FMT``, ``inputs:FMT``, ``aqn:SIGMA`` or an error spec with an optional
-``@where`` (``relative:0.05@ops``, ``absolute:1e-3@input``); e.g. ``"weights:nvfp4+aqn:0.01"``.
+one of ``clean``, ``weights:FMT``, ``inputs:FMT``, ``aqn:SIGMA``, an error spec with an optional
+``@where`` (``relative:0.05@ops``, ``absolute:1e-3@input``) and, for ``@ops``, an optional op list
+(``relative:0.05@ops[linear]``, ``@ops[all]``), ``targets:T1,T2`` and ``exclude:G1,G2`` (the modules
+the weight/input formats and module-level errors select); e.g. ``"weights:nvfp4+aqn:0.01"``,
+``"absolute:1e-3@output+targets:layers.14-17+exclude:*.down_proj"``.
+
+The spec is the identity of a setting (evaluation de-duplicates and keys its records by it):
+``Emulation.parse(e.spec) == e`` and ``str(e) == e.spec``. Fields that change nothing are brought
+to their defaults at construction so that equal behaviour means equal spec: ``where`` and ``ops``
+without an error, ``ops`` at module level, ``targets``/``exclude`` when nothing selects modules
+(operator noise and AQN alone); ops are kept in registry order, a one-element targets list is
+that target.
 
 Every draw inside ``applied(model, seed, step)`` is keyed by (seed, step) and the site, never by
 what ran before: the same (seed, step) on the same inputs replays the same noise, so a batched
@@ -22,6 +32,7 @@ evaluation can resume at any batch and get what an uninterrupted run got.
 from __future__ import annotations
 
 import math
+import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
@@ -33,18 +44,48 @@ from ..formats import get as get_format, quantize
 from ..plans import WeightPlan, check_weight_format, is_plan_spec
 from ..select import select_modules
 from .hooks import inject
-from .ops import DEFAULT_OPS, _resolve_ops, noisy_ops
+from .ops import ALL_OPS, DEFAULT_OPS, _resolve_ops, noisy_ops
 
 __all__ = ["EMULATION_WHERE", "Emulation"]
 
 EMULATION_WHERE = ("ops", "input", "output", "weight")
-_SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA", "ERROR[@where] (e.g. relative:0.05@ops)")
+_SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA",
+               "ERROR[@where] (e.g. relative:0.05@ops, relative:0.05@ops[linear], absolute:1e-3@output)",
+               "targets:T1,T2", "exclude:G1,G2")
+_WHERE_PART = re.compile(r"^\s*([A-Za-z_]+)\s*(?:\[(.*)\])?\s*$")
+_DEFAULT_TARGETS = "linear"
+_LIST_RESERVED = ("+", ",")  # separators of the spec string: not allowed inside one target or exclude
 
 
 def _derived_seed(seed: int, step: int, what: str, substep: int = 0) -> int:
     """A 63-bit seed for one part of one (seed, step, substep) block."""
     site = f"emulation/{what}" + (f"/{substep}" if substep else "")
     return E.noise_key(seed, site, "forward", step) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _number(value: float) -> str:
+    """A float written short (``0.01``, ``1e-05``) but exactly: it parses back to the same float."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _names(value, what: str) -> tuple[str, ...]:
+    """A targets/exclude value as a tuple of non-empty names that a spec string can carry."""
+    items = (value,) if isinstance(value, str) else value
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ValueError(f"bad {what} {value!r}; expected a string or a sequence of strings") from None
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"bad {what} entry {item!r} in {value!r}; expected a non-empty string "
+                             "(a layer type such as 'linear', 'layers.14-17' or a name glob)")
+        if any(sep in item for sep in _LIST_RESERVED):
+            raise ValueError(f"bad {what} entry {item!r}: '+' and ',' separate parts and names in emulation "
+                             f"specs; give several {what} as a sequence")
+        out.append(item.strip())
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -80,15 +121,29 @@ class Emulation:
             object.__setattr__(self, "error", text.strip())
         if self.where not in EMULATION_WHERE:
             raise ValueError(f"unknown where {self.where!r}; known: {', '.join(EMULATION_WHERE)}")
-        object.__setattr__(self, "ops", _resolve_ops(self.ops))
+        ops = set(_resolve_ops(self.ops))
+        object.__setattr__(self, "ops", tuple(o for o in ALL_OPS if o in ops))  # order changes nothing
         sigma = self.aqn_sigma
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"aqn_sigma must be a finite number >= 0; got {sigma!r}")
         object.__setattr__(self, "aqn_sigma", float(sigma))
-        if not isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(self.targets))
-        exclude = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ())
-        object.__setattr__(self, "exclude", exclude)
+        targets = _names(self.targets, "targets")
+        if not targets:
+            raise ValueError("targets is empty; give a layer type such as 'linear' or a name glob")
+        object.__setattr__(self, "targets", targets[0] if len(targets) == 1 else targets)
+        object.__setattr__(self, "exclude", _names(self.exclude or (), "exclude"))
+        # Fields that change nothing take their defaults: equal behaviour, equal identity (spec).
+        if self.error is None or self.where != "ops":
+            object.__setattr__(self, "ops", DEFAULT_OPS)
+        if self.error is None:
+            object.__setattr__(self, "where", "ops")
+        selects = self.weight_format or self.input_format or (self.error is not None and self.where != "ops")
+        if not selects:
+            object.__setattr__(self, "targets", _DEFAULT_TARGETS)
+            object.__setattr__(self, "exclude", ())
+
+    def __str__(self) -> str:
+        return self.spec
 
     # -- naming ------------------------------------------------------------------------------
 
@@ -122,11 +177,22 @@ class Emulation:
                     put("aqn_sigma", float(rest), part)
                 except ValueError:
                     raise ValueError(f"bad AQN sigma {rest.strip()!r} in {spec!r}; expected a number, e.g. aqn:0.01") from None
+            elif head in ("targets", "exclude"):
+                put(head, tuple(t.strip() for t in rest.split(",")), part)
             elif E.is_name(head):
                 error, at, where = part.partition("@")
                 put("error", error.strip(), part)
                 if at:
-                    kwargs["where"] = where.strip().lower()
+                    match = _WHERE_PART.match(where)
+                    if not match:
+                        raise ValueError(f"bad where {where.strip()!r} in {spec!r}; expected one of "
+                                         f"{', '.join(EMULATION_WHERE)}, e.g. @ops or @ops[linear,matmul]")
+                    kwargs["where"] = match.group(1).lower()
+                    if match.group(2) is not None:
+                        if kwargs["where"] != "ops":
+                            raise ValueError(f"an op list is for @ops only; got {where.strip()!r} in {spec!r} "
+                                             "(module-level errors select modules with targets:...)")
+                        kwargs["ops"] = "all" if match.group(2).strip() == "all" else match.group(2)
             else:
                 raise ValueError(f"unknown part {part!r} in emulation spec {spec!r}; expected one of: "
                                  f"{', '.join(_SPEC_FORMS)}; error models: {', '.join(E.names())}")
@@ -138,16 +204,23 @@ class Emulation:
 
     @property
     def spec(self) -> str:
-        """The canonical spec string; ``Emulation.parse(e.spec) == e`` for the spec-expressible fields."""
+        """The canonical spec string, the setting's identity: ``Emulation.parse(e.spec) == e``."""
         parts = []
         if self.weight_format:
             parts.append(f"weights:{self.weight_format}")
         if self.input_format:
             parts.append(f"inputs:{self.input_format}")
         if self.error:
-            parts.append(f"{self.error}@{self.where}")
+            ops = ""
+            if self.where == "ops" and self.ops != DEFAULT_OPS:
+                ops = "[all]" if self.ops == ALL_OPS else f"[{','.join(self.ops)}]"
+            parts.append(f"{self.error}@{self.where}{ops}")
         if self.aqn_sigma:
-            parts.append(f"aqn:{self.aqn_sigma:g}")
+            parts.append(f"aqn:{_number(self.aqn_sigma)}")
+        if self.targets != _DEFAULT_TARGETS:
+            parts.append("targets:" + (self.targets if isinstance(self.targets, str) else ",".join(self.targets)))
+        if self.exclude:
+            parts.append("exclude:" + ",".join(self.exclude))
         return "+".join(parts) or "clean"
 
     @property
