@@ -49,11 +49,11 @@ TRAIN_JSON_FILE = "train.json"
 
 # Problem set and token budget chosen by the pilot (docs/findings.md, "Choice of problems").
 DEFAULT_PROBLEMS = "arith:level=1"
-DEFAULT_MAX_NEW_TOKENS = 40
+DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZE = 20
 # Worked examples (from the problem set's train stream, never its test stream) put before each question:
 # the bundled 135M model rarely ends with '#### N' zero-shot (0/8 strict on level 1 in the pilot).
-DEFAULT_SHOTS = 1
+DEFAULT_SHOTS = 2
 MODES = {
     # n problems per evaluated setting; calibration texts for the scans
     "quick": {"n": 16, "scan_samples": 8},
@@ -113,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (F1-F4 evaluation and F5 training)")
     ap.add_argument("--only", default=None, help="comma-separated subset of F1,F2,F3,F4 (default: all)")
+    ap.add_argument("--f4-sigmas", default=",".join(f"{x:g}" for x in F4_SIGMAS),
+                    help="F4: which sigmas to run (a subset of the default: lets processes share F4)")
+    ap.add_argument("--assemble", action="store_true", help="F3/F4: generate nothing; assemble findings.json from "
+                    "the chunks every setting has completed (n may then be below --n)")
     ap.add_argument("--train-steps", type=int, default=None, help="F5: optimizer steps per run (default: by mode)")
     args = ap.parse_args(argv)
     errors = []
@@ -130,6 +134,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.only = tuple(wanted)
     else:
         args.only = ("F1", "F2", "F3", "F4")
+    try:
+        sigmas = tuple(float(t) for t in args.f4_sigmas.split(",") if t.strip())
+    except ValueError:
+        sigmas = ()
+    if not sigmas or any(x not in F4_SIGMAS for x in sigmas):
+        errors.append(f"--f4-sigmas: expected a subset of {','.join(f'{x:g}' for x in F4_SIGMAS)}; got {args.f4_sigmas!r}")
+    args.f4_sigmas = tuple(x for x in F4_SIGMAS if x in sigmas)
     if args.device not in ("cpu", "cuda"):
         errors.append(f"--device must be 'cpu' or 'cuda'; got {args.device!r}")
     if errors:
@@ -325,23 +336,22 @@ def _verdict_collapse(c: dict) -> str:
 ENTROPY_PROBLEMS = 20
 
 
-def _run(model, tokenizer, problems, settings, run_dir: Path, common: dict, progress) -> tuple:
-    """One resumable hn.evaluate into ``run_dir``; also the mean next-token entropy (nats) of the model on
-    its own completions of the first ENTROPY_PROBLEMS problems (cached in run_dir/entropy.json)."""
-    import hwnoise as hn
+def _entropy_cached(model, tokenizer, path: Path, records: list[dict]) -> list[float]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = completion_entropy(model, tokenizer, records, model.device)
+    write_json(path, values)
+    return values
+
+
+def _chunk_records(run_dir: Path, chunk: list[dict], specs: list[str]) -> dict | None:
+    """{spec: [record per problem of the chunk]} when the chunk's run is complete, else None."""
     from hwnoise.eval.core import read_records
 
-    report = hn.evaluate(model, tokenizer, problems, settings, out=run_dir, on_progress=progress, **common)
-    path = run_dir / "entropy.json"
-    if path.is_file():
-        entropy = json.loads(path.read_text())
-    else:
-        records = read_records(run_dir / "records.jsonl")
-        spec = report.settings[-1].spec
-        entropy = completion_entropy(model, tokenizer, [records[(spec, p["id"])] for p in problems[:ENTROPY_PROBLEMS]],
-                                     model.device)
-        write_json(path, entropy)
-    return report, entropy
+    records = read_records(run_dir / "records.jsonl") if (run_dir / "records.jsonl").is_file() else {}
+    if not all((spec, p["id"]) in records for spec in specs for p in chunk):
+        return None
+    return {spec: [records[(spec, p["id"])] for p in chunk] for spec in specs}
 
 
 def unpaired_mean_interval(a, b, seed: int = 0, confidence: float = 0.95) -> dict:
@@ -361,87 +371,128 @@ def unpaired_mean_interval(a, b, seed: int = 0, confidence: float = 0.95) -> dic
             "welch_p": float(stats.ttest_ind(a, b, equal_var=False).pvalue)}
 
 
-def evaluate_runs(model, tokenizer, args, out: Path, log, which=("F3", "F4")) -> dict | None:
-    """F3 and F4: every evaluation on the same problems, resumable under out/runs. F4's runs pair with
-    F3's clean run, so the result is assembled only when both are measured (``which``); a call for one
-    of them alone only fills its run directories (two processes can fill them side by side)."""
+def _chunks(problems: list[dict], size: int) -> list[list[dict]]:
+    return [problems[i:i + size] for i in range(0, len(problems), size)]
+
+
+def _setting_summary(spec: str, label: str, records: list[dict]) -> dict:
+    from hwnoise.eval.stats import wilson_interval
+
+    n = len(records)
+    out = {"spec": spec, "label": label, "n": n, "correct": {}, "accuracy": {}, "wilson_ci": {},
+           "mean_generated_tokens": float(np.mean([r["generated_tokens"] for r in records]))}
+    for m in ("strict", "flexible"):
+        k = int(sum(r[f"correct_{m}"] for r in records))
+        out["correct"][m], out["accuracy"][m] = k, 100.0 * k / n
+        out["wilson_ci"][m] = list(wilson_interval(k, n))
+    return out
+
+
+def _compare(name: str, clean: list[dict], other: list[dict]) -> dict:
+    from hwnoise.eval.stats import compare
+
+    return {m: _comparison_json(compare(name, [r[f"correct_{m}"] for r in clean], [r[f"correct_{m}"] for r in other],
+                                        metric=m, seed=0)) for m in ("strict", "flexible")}
+
+
+def evaluate_runs(model, tokenizer, args, out: Path, log, which=("F3", "F4"), generate: bool = True) -> dict | None:
+    """F3 and F4 on the same problems, in chunks of ``batch_size`` problems (one ``hn.evaluate`` run per
+    chunk under out/runs/NAME/chunk-KKK: resumable, and every setting reaches the same n chunk by chunk,
+    so a run stopped early still pairs every setting on the same problems).
+
+    F4's runs pair with F3's clean records, so the result is assembled only when both are in ``which``
+    and all F4 sigmas are selected; a call for a part only fills its run directories (several
+    processes can fill them side by side). ``generate=False`` assembles from the complete chunks
+    already recorded, generating nothing (n is then the number of problems every setting has).
+    """
     import hwnoise as hn
     from hwnoise.aqn.schedules import Constant
-    from hwnoise.eval.stats import compare, wilson_interval
 
     problems = build_problems(args.problems, args.n, args.shots)
+    chunks = _chunks(problems, args.batch_size)
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, seed=0,
                   model_name=str(args.model), data_name=args.problems)
     runs = out / "runs"
     t0 = time.perf_counter()
-
-    def progress(label, done, total):
-        log(f"  {label}: {done}/{total}  ({time.perf_counter() - t0:.0f} s)")
-
-    f3 = None
-    if "F3" in which:
-        log(f"F3: clean + {', '.join(F3_SETTINGS)} on {args.n} x {args.problems}")
-        f3, clean_entropy = _run(model, tokenizer, problems, list(F3_SETTINGS), runs / "f3", common, progress)
-        # the clean setting's own entropy: the F3 run's entropy file is of its last setting, so clean gets its own
-        clean_path = runs / "f3" / "entropy_clean.json"
-        if clean_path.is_file():
-            clean_entropy = json.loads(clean_path.read_text())
-        else:
-            from hwnoise.eval.core import read_records
-
-            records = read_records(runs / "f3" / "records.jsonl")
-            clean_entropy = completion_entropy(model, tokenizer, [records[("clean", p["id"])]
-                                                                  for p in problems[:ENTROPY_PROBLEMS]], model.device)
-            write_json(clean_path, clean_entropy)
-    f3_seconds = time.perf_counter() - t0
-
-    f4_runs = []
-    if "F4" in which:
-        for sigma in F4_SIGMAS:
-            for layer_types in F4_LAYER_TYPES:
-                name = f"aqn-{layer_types}-{sigma:g}"
-                log(f"F4: {name}")
-                aqn = hn.AQN(Constant(sigma), layer_types=layer_types, seed=0)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # the linear-sigma warning is the point here
-                    with aqn.noisy(model, step=0, total_steps=1):
-                        rep, entropy = _run(model, tokenizer, problems, ["clean"], runs / name, common, progress)
-                        std = [s.effective_std for s in aqn.stats().values()]
-                f4_runs.append((name, layer_types, sigma, rep, entropy, std))
-    if f3 is None or "F4" not in which:
+    f4_names = [(f"aqn-{t}-{s:g}", t, s) for s in args.f4_sigmas for t in F4_LAYER_TYPES]
+    f3_specs = ["clean", *F3_SETTINGS]
+    if generate:
+        for c, chunk in enumerate(chunks):
+            if "F3" in which:
+                log(f"F3: chunk {c + 1}/{len(chunks)}: clean + {', '.join(F3_SETTINGS)} ({time.perf_counter() - t0:.0f} s)")
+                hn.evaluate(model, tokenizer, chunk, list(F3_SETTINGS), out=runs / "f3" / f"chunk-{c:03d}", **common)
+            if "F4" in which:
+                for name, layer_types, sigma in f4_names:
+                    run_dir = runs / name / f"chunk-{c:03d}"
+                    if _chunk_records(run_dir, chunk, ["clean"]) is not None:
+                        continue
+                    log(f"F4: chunk {c + 1}/{len(chunks)}: {name} ({time.perf_counter() - t0:.0f} s)")
+                    aqn = hn.AQN(Constant(sigma), layer_types=layer_types, seed=0)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # the linear-sigma warning is the point here
+                        with aqn.noisy(model, step=0, total_steps=1):
+                            hn.evaluate(model, tokenizer, chunk, ["clean"], out=run_dir, **common)
+                            if c == 0:  # entropy of the noisy model on its own completions, first chunk
+                                recs = _chunk_records(run_dir, chunk, ["clean"])["clean"][:ENTROPY_PROBLEMS]
+                                _entropy_cached(model, tokenizer, runs / name / "entropy.json", recs)
+                            std = [s_.effective_std for s_ in aqn.stats().values()]
+                    write_json(runs / name / "noise.json", {"parameters_noised": len(std),
+                                                            "mean_effective_std": float(np.mean(std)) if std else 0.0})
+            if "F3" in which and c == 0:
+                recs = _chunk_records(runs / "f3" / f"chunk-{c:03d}", chunk, ["clean"])["clean"][:ENTROPY_PROBLEMS]
+                _entropy_cached(model, tokenizer, runs / "f3" / "entropy_clean.json", recs)
+    if not ("F3" in which and "F4" in which and tuple(args.f4_sigmas) == F4_SIGMAS):
         return None
 
-    f3_json = f3.to_json()
-    clean = f3.clean
+    # Assemble from the chunks every setting has completed (the first K chunks).
+    f3_recs = {spec: [] for spec in f3_specs}
+    f4_recs = {name: [] for name, _, _ in f4_names}
+    done = 0
+    for c, chunk in enumerate(chunks):
+        got3 = _chunk_records(runs / "f3" / f"chunk-{c:03d}", chunk, f3_specs)
+        got4 = {name: _chunk_records(runs / name / f"chunk-{c:03d}", chunk, ["clean"]) for name in f4_recs}
+        if got3 is None or any(v is None for v in got4.values()):
+            break
+        for spec in f3_specs:
+            f3_recs[spec] += got3[spec]
+        for name in f4_recs:
+            f4_recs[name] += got4[name]["clean"]
+        done += len(chunk)
+    if done == 0:
+        raise RuntimeError(f"no chunk of {args.batch_size} problems is complete for every setting under {runs}")
+    clean = f3_recs["clean"]
+    clean_entropy = json.loads((runs / "f3" / "entropy_clean.json").read_text())
+    labels = {e.spec: e.label for e in map(hn.Emulation.parse, f3_specs)}
+    f3_settings = [_setting_summary(spec, labels[spec], f3_recs[spec]) for spec in f3_specs]
+    f3_rows = []
+    for spec in F3_SETTINGS:
+        comps = _compare(spec, clean, f3_recs[spec])
+        claim_kind = "degrades" if spec == F3_DEGRADES else "unchanged"
+        primary = comps["strict"]
+        verdict = _verdict_degrades(primary) if claim_kind == "degrades" else _verdict_unchanged(primary)
+        f3_rows.append({"setting": spec, "claim": claim_kind, "verdict": verdict, **primary, "flexible": comps["flexible"]})
     f4 = []
-    for name, layer_types, sigma, rep, entropy, std in f4_runs:
-        comps = {m: _comparison_json(compare(name, clean.correct[m], rep.clean.correct[m], metric=m, seed=0))
-                 for m in ("strict", "flexible")}
-        k = int(sum(rep.clean.correct["strict"]))
+    for name, layer_types, sigma in f4_names:
+        summary = _setting_summary(name, name, f4_recs[name])
+        comps = _compare(name, clean, f4_recs[name])
         primary = comps["strict"]
         verdict = _verdict_collapse(primary) if layer_types == "linear" else _verdict_unchanged(primary)
+        noise = json.loads((runs / name / "noise.json").read_text())
+        entropy = json.loads((runs / name / "entropy.json").read_text())
         f4.append({"name": name, "layer_types": layer_types, "sigma": sigma,
-                   "noise_draw": "one draw (seed 0) held over the whole evaluation", "parameters_noised": len(std),
-                   "mean_effective_std": float(np.mean(std)) if std else 0.0, "n": rep.clean.n,
-                   "accuracy": rep.clean.accuracy("strict"), "accuracy_flexible": rep.clean.accuracy("flexible"),
-                   "wilson_ci": list(wilson_interval(k, rep.clean.n)),
-                   "mean_generated_tokens": float(np.mean(rep.clean.generated_tokens)),
-                   "comparison": comps, "entropy": unpaired_mean_interval(entropy, clean_entropy),
-                   "verdict": verdict, "seconds": rep.seconds})
-    f3_rows = []
-    for c in f3_json["comparisons"]:
-        claim_kind = "degrades" if c["setting"] == F3_DEGRADES else "unchanged"
-        primary = c["by_metric"]["strict"]
-        verdict = _verdict_degrades(primary) if claim_kind == "degrades" else _verdict_unchanged(primary)
-        f3_rows.append({"setting": c["setting"], "claim": claim_kind, "verdict": verdict, **primary,
-                        "flexible": c["by_metric"]["flexible"]})
+                   "noise_draw": "one draw (seed 0) held over the whole evaluation", **noise, "n": summary["n"],
+                   "accuracy": summary["accuracy"]["strict"], "accuracy_flexible": summary["accuracy"]["flexible"],
+                   "wilson_ci": summary["wilson_ci"]["strict"], "mean_generated_tokens": summary["mean_generated_tokens"],
+                   "comparison": comps, "entropy": unpaired_mean_interval(entropy, clean_entropy), "verdict": verdict,
+                   "sample_completion": f4_recs[name][0]["completion"][:160]})
     return {
-        "problems": args.problems, "n": args.n, "shots": args.shots, "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size, "entropy_problems": ENTROPY_PROBLEMS,
-        "F3": {"eval": f3_json, "rows": f3_rows, "seconds": f3_seconds,
+        "problems": args.problems, "n": done, "n_requested": args.n, "shots": args.shots,
+        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "entropy_problems": ENTROPY_PROBLEMS,
+        "F3": {"eval": {"settings": f3_settings}, "rows": f3_rows,
                "verdict": _overall([r["verdict"] for r in f3_rows])},
         "F4": {"clean_entropy": float(np.mean(clean_entropy)), "rows": f4,
                "verdict": _overall([r["verdict"] for r in f4])},
+        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -550,23 +601,20 @@ def render_markdown(data: dict) -> str:
 
 def render_train_markdown(data: dict) -> str:
     lines = [f"<!-- generated by benchmarks/findings.py --train from {TRAIN_JSON_FILE} -->", "",
-             f"Model `{data['model']}`, device {data['device']}, {data['steps']} steps per run, train data "
-             f"`{data['train_data']}`, held-out `{data['eval_data']}` (n={data['n_eval']}), group size "
+             f"Model `{data['model']}`, device {data['device']}, mode {data.get('mode')}, train data "
+             f"`{data['train_data']}`, held-out `{data['eval_data']}` (n={data['n_eval']}, flexible metric), group size "
              f"{data['num_generations']}, LR {data['learning_rate']:g}; wall {data['wall_seconds'] / 60:.1f} min.", "",
-             "| run | held-out accuracy at start | at end [Wilson 95 %] | mean reward, first → last quarter of steps | s/step |",
-             "|---|---|---|---|---|"]
+             "| run | held-out accuracy % by step [Wilson 95 % at the end] | reward per step | s/step |",
+             "|---|---|---|---|"]
     for r in data["runs"]:
-        start, end = r.get("eval_start"), r.get("eval_end")
-        ci = _ci(end["wilson_ci"], "{:.1f}") if end else ""
-        rew = r.get("reward_curve") or []
-        q = max(1, len(rew) // 4)
-        rcurve = f"{np.mean(rew[:q]):.3f} → {np.mean(rew[-q:]):.3f}" if rew else "—"
-        lines.append(f"| {r['name']} | {start['accuracy']:.1f} |" if start else f"| {r['name']} | — |")
-        lines[-1] += f" {end['accuracy']:.1f} {ci} | {rcurve} | {r['seconds_per_step']:.1f} |" if end else " — | — | — |"
+        evals = ", ".join(f"step {e['step']}: {e['accuracy']:.1f}" for e in r["evals"]) or "—"
+        if r.get("eval_end"):
+            evals += f" {_ci(r['eval_end']['wilson_ci'], '{:.1f}')}"
+        rew = " ".join(f"{v:.2f}" for v in r.get("reward_curve") or []) or "—"
+        lines.append(f"| {r['name']} | {evals} | {rew} | {r['seconds_per_step']:.1f} |")
     for c in data.get("comparisons", []):
-        lines.append("")
-        lines.append(f"{c['a']} vs {c['b']} at the end (paired on the held-out problems): difference "
-                     f"{c['difference']:+.1f} pts {_ci(c['ci'], '{:+.1f}')}, McNemar p {_p(c['mcnemar_p'])}.")
+        lines += ["", f"{c['a']} vs {c['b']} at the end (paired on the held-out problems): difference "
+                  f"{c['difference']:+.1f} pts {_ci(c['ci'], '{:+.1f}')}, McNemar p {_p(c['mcnemar_p'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -678,53 +726,53 @@ def render(out: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 TRAIN_MODES = {
-    # steps per run, held-out problems; chosen by the CPU pilot (docs/findings.md, F5)
-    "quick": {"steps": 6, "n_eval": 16, "n_train": 64},
-    "full": {"steps": 120, "n_eval": 200, "n_train": 480},
+    # quick: the CPU pilot (a handful of steps); full: sized for 10 minutes of one H200 (docs/findings.md, F5).
+    # epoch-aware AQN restarts its schedule each epoch, so both modes run 2 epochs.
+    "quick": {"prompts_per_step": 2, "group": 4, "steps_per_epoch": 3, "epochs": 2, "n_eval": 8,
+              "eval_max_new_tokens": 32, "max_completion_length": 32},
+    "full": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 20, "epochs": 2, "n_eval": 200,
+             "eval_max_new_tokens": 96, "max_completion_length": 64},
 }
 TRAIN_DATA = "arith:level=1"
 TRAIN_EVAL_DATA = "arith:level=1"
-TRAIN_GROUP = 8
-TRAIN_PROMPTS_PER_STEP = 4
 TRAIN_LR = 1e-5
-TRAIN_MAX_COMPLETION = 64
 TRAIN_NOISE = 0.05
+TRAIN_RUNS = ("baseline", "noise-5%", "noise-5%+aqn-epoch-aware")
 
 
 def train_configs(args, out: Path) -> list:
     """The F5 triple as TrainConfigs (validated before anything loads)."""
     from hwnoise.rl import TrainConfig
 
-    m = TRAIN_MODES[args.mode]
-    steps = args.train_steps or m["steps"]
-    # epoch-aware AQN needs epochs: one epoch = n_train prompts / prompts per step
-    steps_per_epoch = max(1, m["n_train"] // TRAIN_PROMPTS_PER_STEP)
-    epochs = max(1, round(steps / steps_per_epoch))
-    n_train = steps_per_epoch * TRAIN_PROMPTS_PER_STEP
+    m = dict(TRAIN_MODES[args.mode])
+    if args.train_steps:  # steps per run: keep 2 epochs
+        m["steps_per_epoch"] = max(1, args.train_steps // m["epochs"])
+    steps = m["steps_per_epoch"] * m["epochs"]
     base = {
-        "model": args.model, "seed": 0, "device": args.device, "threads": args.threads,
-        "data": {"train": TRAIN_DATA, "n_train": n_train, "eval": TRAIN_EVAL_DATA, "n_eval": m["n_eval"]},
-        "algorithm": {"num_generations": TRAIN_GROUP, "batch_size": TRAIN_GROUP * TRAIN_PROMPTS_PER_STEP,
-                      "max_completion_length": TRAIN_MAX_COMPLETION, "learning_rate": TRAIN_LR,
-                      "loss_type": "dapo", "gradient_checkpointing": args.device == "cpu"},
+        "model": args.model, "seed": 0, "device": args.device, "threads": args.threads, "epochs": m["epochs"],
+        "data": {"train": TRAIN_DATA, "n_train": m["steps_per_epoch"] * m["prompts_per_step"],
+                 "eval": TRAIN_EVAL_DATA, "n_eval": m["n_eval"]},
+        "algorithm": {"num_generations": m["group"], "batch_size": m["group"] * m["prompts_per_step"],
+                      "max_completion_length": m["max_completion_length"], "learning_rate": TRAIN_LR,
+                      "loss_type": "dapo", "gradient_checkpointing": False},
         "reward": {"mode": "flexible", "format_bonus": 0.1},
-        "eval": {"at_start": True, "every": max(1, (epochs * steps_per_epoch) // 4),
-                 "max_new_tokens": args.max_new_tokens, "batch_size": 32 if args.device == "cuda" else 8},
+        "eval": {"at_start": True, "every": steps if args.mode == "quick" else max(1, steps // 2),
+                 "max_new_tokens": m["eval_max_new_tokens"],
+                 "batch_size": 64 if args.device == "cuda" else 8},
         "logging": {"report_to": ["none"], "save_steps": 0},
-        "epochs": epochs,
     }
     noise = {"noise": "relative", "noise_scale": TRAIN_NOISE, "noise_phase": "both"}
-    runs = {
+    extras = {
         "baseline": {},
         "noise-5%": {"emulation": noise},
         "noise-5%+aqn-epoch-aware": {"emulation": noise, "aqn": {"enabled": True, "schedule": "epoch_aware",
                                                                  "sigma_start": 1e-2, "sigma_end": 5e-4,
-                                                                 "stages": 4}},
+                                                                 "stages": 3}},
     }
     configs = []
-    for name, extra in runs.items():
+    for name in TRAIN_RUNS:
         d = json.loads(json.dumps(base))
-        for k, v in extra.items():
+        for k, v in extras[name].items():
             d.setdefault(k, {}).update(v)
         d["run_dir"] = str(out / "train" / name)
         configs.append((name, TrainConfig.from_dict(d).validate()))
@@ -748,7 +796,7 @@ def run_train(args, out: Path, log) -> dict:
         seconds = time.perf_counter() - t
         evals = read_evals(run_dir)
         state = json.loads((run_dir / "run.json").read_text())
-        curve = _reward_curve(run_dir)
+        curve = _reward_curve(state)
 
         def summary(ev):
             rep = ev["report"]
@@ -756,7 +804,7 @@ def run_train(args, out: Path, log) -> dict:
             return {"step": ev["step"], "accuracy": s["accuracy"]["flexible"], "n": s["n"],
                     "wilson_ci": s["wilson_ci"]["flexible"]}
 
-        steps = state.get("global_step") or state.get("steps") or max((e["step"] for e in evals), default=1)
+        steps = state.get("steps") or 1
         runs.append({"name": name, "config": config.to_dict(), "evals": [summary(e) for e in evals],
                      "eval_start": summary(evals[0]) if evals else None,
                      "eval_end": summary(evals[-1]) if evals else None, "reward_curve": curve,
@@ -771,30 +819,26 @@ def run_train(args, out: Path, log) -> dict:
                                 "mcnemar_p": c.mcnemar_p})
     m = TRAIN_MODES[args.mode]
     return {"schema_version": SCHEMA_VERSION, "model": str(args.model), "device": args.device,
-            "steps": runs[0]["evals"][-1]["step"] if runs and runs[0]["evals"] else None,
+            "steps": runs[0]["evals"][-1]["step"] if runs and runs[0]["evals"] else None, "mode": args.mode,
             "train_data": TRAIN_DATA, "eval_data": TRAIN_EVAL_DATA, "n_eval": m["n_eval"],
-            "num_generations": TRAIN_GROUP, "learning_rate": TRAIN_LR, "runs": runs, "comparisons": comparisons,
+            "num_generations": m["group"], "learning_rate": TRAIN_LR, "runs": runs, "comparisons": comparisons,
             "wall_seconds": time.perf_counter() - t0, "environment": environment(args), "claim": CLAIMS["F5"]}
 
 
-def _reward_curve(run_dir: Path) -> list[float]:
-    """Mean reward per logged step from the trainer state TRL writes (trainer_state.json), if any."""
-    for path in sorted(run_dir.rglob("trainer_state.json")) + sorted(run_dir.rglob("log_history.json")):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        hist = state.get("log_history", state if isinstance(state, list) else [])
-        return [float(h["reward"]) for h in hist if "reward" in h]
-    return []
+def _reward_curve(state: dict) -> list[float]:
+    """Mean reward per logged step, from the log history hwnoise.rl.train keeps in run.json."""
+    return [float(h["reward"]) for h in state.get("log_history", []) if "reward" in h]
 
 
 def _final_correct(run_dir: Path, evals) -> list[bool] | None:
+    """Per held-out problem (sorted by id: the same problems in every run), correct at the last evaluation."""
+    from hwnoise.eval.core import read_records
+    from hwnoise.rl.callbacks import eval_dir
+
     if not evals:
         return None
-    rep = evals[-1]["report"]
-    s = rep["settings"][0]
-    return s.get("correct_list")
+    records = read_records(eval_dir(run_dir, evals[-1]["step"]) / "records.jsonl")
+    return [records[k]["correct_flexible"] for k in sorted(k for k in records if k[0] == "clean")]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -852,14 +896,21 @@ def main(argv=None) -> int:
     samples = MODES[args.mode]["scan_samples"]
     data = {"schema_version": SCHEMA_VERSION, "model": str(args.model), "mode": args.mode, "claims": CLAIMS,
             "source": SOURCE, "environment": env, "argv": sys.argv[1:]}
-    if "F1" in args.only:
-        log("F1: scans nvfp4 / mxfp4 (weight mode)")
-        data["F1"] = measure_f1(model, tokenizer, samples)
-    if "F2" in args.only:
-        log("F2: scans mxfp4 input / weight mode")
-        data["F2"] = measure_f2(model, tokenizer, samples)
+    for key, measure, what in (("F1", measure_f1, "scans nvfp4 / mxfp4 (weight mode)"),
+                               ("F2", measure_f2, "scans mxfp4 input / weight mode")):
+        if key not in args.only:
+            continue
+        cache = out / "runs" / f"{key.lower()}-samples{samples}.json"  # a rerun reuses the scans
+        if cache.is_file():
+            data[key] = json.loads(cache.read_text(encoding="utf-8"))
+            log(f"{key}: reused {cache}")
+            continue
+        log(f"{key}: {what}")
+        data[key] = measure(model, tokenizer, samples)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache, data[key])
     if "F3" in args.only or "F4" in args.only:
-        evals = evaluate_runs(model, tokenizer, args, out, log, which=args.only)
+        evals = evaluate_runs(model, tokenizer, args, out, log, which=args.only, generate=not args.assemble)
         if evals is None:
             log("F3 and F4 pair on the same clean run: this run only filled its run directories; "
                 "run both (the default) to assemble findings.json")

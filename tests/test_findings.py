@@ -30,6 +30,7 @@ def _eager(monkeypatch):
     (["--out", "x", "--shots", "-1"], "--shots must be >= 0; got -1"),
     (["--out", "x", "--only", "F1,F9"], "unknown finding(s) ['F9']; known: F1, F2, F3, F4"),
     (["--out", "x", "--device", "tpu"], "--device must be 'cpu' or 'cuda'; got 'tpu'"),
+    (["--out", "x", "--f4-sigmas", "0.1"], "--f4-sigmas: expected a subset of 0.05,0.005; got '0.1'"),
 ])
 def test_bad_arguments_are_refused_naming_the_value(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -44,6 +45,22 @@ def test_modes_set_the_problem_count():
     assert full.n == findings.MODES["full"]["n"] >= 100  # the issue asks >= 100 problems per setting
     assert full.only == ("F1", "F2", "F3", "F4")
     assert findings.parse_args(["--out", "x", "--n", "7", "--only", "f3"]).only == ("F3",)
+
+
+def test_train_triple_differs_only_in_noise_and_aqn(tmp_path):
+    """F5's three runs: the same data, steps and optimiser; noise in the second and third, AQN in the third."""
+    args = findings.parse_args(["--out", str(tmp_path), "--train", "--quick"])
+    (n0, base), (n1, noise), (n2, aqn) = findings.train_configs(args, tmp_path)
+    assert (n0, n1, n2) == findings.TRAIN_RUNS
+    assert base.emulation.noise is None and not base.aqn.enabled
+    assert noise.emulation.noise == "relative" and noise.emulation.noise_scale == findings.TRAIN_NOISE
+    assert noise.emulation.noise_phase == "both" and not noise.aqn.enabled
+    assert aqn.aqn.enabled and aqn.aqn.schedule == "epoch_aware" and aqn.emulation == noise.emulation
+    for c in (noise, aqn):
+        assert c.data == base.data and c.algorithm == base.algorithm and c.epochs == base.epochs == 2
+    assert len({c.run_dir for c in (base, noise, aqn)}) == 3
+    full = findings.parse_args(["--out", str(tmp_path), "--train", "--device", "cuda", "--train-steps", "40"])
+    assert findings.train_configs(full, tmp_path)[0][1].data.n_train == 20 * findings.TRAIN_MODES["full"]["prompts_per_step"]
 
 
 # -- statistics and verdicts -------------------------------------------------------------------
@@ -119,7 +136,7 @@ def measured(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("findings")
     args = findings.parse_args(["--out", str(out), "--n", "3", "--max-new-tokens", "3", "--batch-size", "2",
-                                "--shots", "1", "--model", "tiny"])
+                                "--shots", "1", "--model", "tiny"])  # two chunks: 2 problems, then 1
     model, tok = tiny_model(), char_tokenizer()
     data = {"schema_version": findings.SCHEMA_VERSION, "model": "tiny", "mode": "test", "claims": findings.CLAIMS,
             "environment": {"nproc": 2, "torch_threads": 1, "device": "cpu"}, "wall_seconds": 1.0,
@@ -158,7 +175,7 @@ def test_f3_f4_run_every_setting_on_the_same_problems(measured):
         assert r["parameters_noised"] > 0
         # the noise really landed: relative std on linear weights, absolute on RMSNorm weights (fp32: no cast)
         assert r["mean_effective_std"] == pytest.approx(r["sigma"], rel=0.2)
-        assert (out / "runs" / r["name"] / "records.jsonl").is_file()
+        assert (out / "runs" / r["name"] / "chunk-000" / "records.jsonl").is_file()
     assert rows["aqn-linear-0.05"]["parameters_noised"] != rows["aqn-rmsnorm-0.05"]["parameters_noised"]
     entropy = rows["aqn-linear-0.05"]["entropy"]
     assert entropy["n_a"] == 3 and entropy["mean_b"] == pytest.approx(ev["F4"]["clean_entropy"])
@@ -197,3 +214,19 @@ def test_rerun_resumes_from_the_records(measured, monkeypatch):
     again = findings.evaluate_runs(tiny_model(), char_tokenizer(), args, out, log=lambda msg: None)
     assert calls == []
     assert again["F3"]["rows"] == data["eval"]["F3"]["rows"]
+
+
+def test_assembly_uses_only_chunks_complete_for_every_setting(measured, tmp_path):
+    """A run stopped early: the second chunk of one F4 setting is missing, so every setting pairs on the
+    first chunk only (n = 2), and nothing is generated."""
+    import shutil
+
+    out, _, _ = measured
+    part = tmp_path / "part"
+    shutil.copytree(out / "runs", part / "runs")
+    shutil.rmtree(part / "runs" / "aqn-rmsnorm-0.005" / "chunk-001")
+    args = findings.parse_args(["--out", str(part), "--n", "3", "--max-new-tokens", "3", "--batch-size", "2",
+                                "--shots", "1", "--model", "tiny", "--assemble"])
+    ev = findings.evaluate_runs(None, None, args, part, log=lambda msg: None, generate=False)
+    assert ev["n"] == 2 and ev["n_requested"] == 3
+    assert all(s["n"] == 2 for s in ev["F3"]["eval"]["settings"]) and all(r["n"] == 2 for r in ev["F4"]["rows"])
