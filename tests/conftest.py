@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# tests/verl runs in .venv-verl (`make test-verl`): verl pins transformers below the main environment's.
+collect_ignore = ["verl"]
+
 
 @pytest.fixture
 def one_thread():
