@@ -71,3 +71,23 @@ def test_finished_at_reads_the_checkpoint_state(tmp_path):
     assert finished_at(run_dir / "checkpoint-2") == (4, 4)
     assert finished_at(None) is None
     assert finished_at(tmp_path / "nowhere") is None  # unreadable: the Trainer reports it
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_resume_latest_after_the_last_step_with_a_real_trainer(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rl_trainer import tiny_config, tiny_model
+
+    import hwnoise.models
+
+    _, tokenizer = hwnoise.models.load("default")
+    config = tiny_config(tmp_path, steps=2, logging__save_steps=2, eval__at_start=False)
+    run_dir = hwnoise.rl.train(config, model=tiny_model(tokenizer), tokenizer=tokenizer)
+    assert json.loads((run_dir / RUN_FILE).read_text())["steps"] == 2
+    again = hwnoise.rl.train(config, model=tiny_model(tokenizer), tokenizer=tokenizer, resume="latest")
+    assert json.loads((again / RUN_FILE).read_text())["steps"] == 2  # not a third step
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]
