@@ -64,3 +64,21 @@ def test_offline_hub_id_in_the_local_cache_resolves_to_it(no_hub, tmp_path):
 def test_behind_a_proxy_the_direct_probe_is_skipped(no_hub, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert models.resolve("someorg/some-model") == "someorg/some-model"
+
+
+def test_a_hanging_probe_is_cut_at_its_timeout(no_hub, monkeypatch):
+    import threading
+
+    release = threading.Event()
+
+    def hang(*args, **kwargs):  # a DNS lookup that never answers (the socket timeout does not bound it)
+        release.wait(30)
+        raise OSError("late")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setattr(models, "_HUB_PROBE_TIMEOUT_S", 0.2)
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="within 0.2 s"):
+        models.resolve("someorg/some-model")
+    assert time.perf_counter() - start < 5
+    release.set()

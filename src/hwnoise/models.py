@@ -188,6 +188,7 @@ def _hub_unreachable() -> str | None:
     """Why the hub cannot be reached (offline mode, or no TCP connection to its endpoint within a
     few seconds), else None. Behind a proxy the direct probe means nothing, so it is skipped."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -199,11 +200,21 @@ def _hub_unreachable() -> str | None:
     endpoint = urlparse(constants.ENDPOINT)
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
-    except OSError as exc:
-        return f"no connection to {host}:{port}: {exc}"
-    return None
+    outcome: list = []
+
+    def probe():  # in a thread: a hanging DNS lookup is not bound by the socket timeout
+        try:
+            socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="hwnoise-hub-probe", daemon=True)
+    thread.start()
+    thread.join(_HUB_PROBE_TIMEOUT_S)
+    if not outcome:
+        return f"no connection to {host}:{port} within {_HUB_PROBE_TIMEOUT_S:g} s"
+    return None if outcome[0] is None else f"no connection to {host}:{port}: {outcome[0]}"
 
 
 def _hub_or_cached(spec: str) -> Path | str:
