@@ -347,3 +347,14 @@ def test_formats_table_is_not_cut_to_80_columns_when_piped(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│ mxfp4") or line.startswith("│ nvfp4")]
     assert len(rows) == 2 and not any("…" in row for row in rows), result.output
+
+
+def test_train_out_existing_file_is_an_error_before_any_work(tmp_path, no_load):
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 2\nlogging:\n  report_to: [none]\n")
+    f = tmp_path / "f.txt"
+    f.write_text("precious")
+    result = runner.invoke(app, ["train", str(config), "--out", str(f)])
+    assert result.exit_code == 2, result.output
+    assert "existing file" in text(result) and "f.txt" in text(result)
+    assert f.read_text() == "precious"
