@@ -105,7 +105,7 @@ def prepare_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     accepted = "give a directory (existing or new) that you can write into"
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{what} {str(path)!r} is an existing file, not a directory; hwnoise writes "
-                              f"several files into {what} and will not replace a file: {accepted}")
+                              f"several files into a directory and will not replace a file: {accepted}")
     probe = path
     while not probe.exists():  # the directory that would hold the new one
         if probe.parent == probe:
