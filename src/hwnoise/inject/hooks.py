@@ -251,7 +251,8 @@ def inject(model: nn.Module, error, where: str = "output", targets="linear", exc
     """Put ``error`` on the input, output or weight of the modules ``targets`` selects.
 
     targets / layers / exclude: as ``hwnoise.select.select_modules`` ("linear", "rmsnorm",
-    "attention", "mlp", name globs; lm_head, embed_tokens and LoRA A/B are excluded by default).
+    "attention", "mlp", name globs; lm_head, embed_tokens and LoRA A/B are excluded unless a target
+    names them, e.g. ``targets=["linear", "lm_head"]``; a bare module is its own candidate).
     phase: "both", or "rollout"/"training" to act only inside ``hwnoise.phase(...)`` blocks.
     measure: keep ||noise|| and ||clean|| per site for ``stats()`` (two reductions per call).
     Returns an ``Injection``: a context manager with ``remove()`` and ``stats()``.
