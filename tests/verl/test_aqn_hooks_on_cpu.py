@@ -196,3 +196,17 @@ def test_multipliers_scale_per_layer():
     assert all(std[n] == 0 for n in std if ".layers.0." in n or n == "model.norm.weight")  # untargeted
     assert all(abs(std[n] / 0.03 - 1) < 0.2 for n in std if ".layers.1." in n)
     assert all(abs(std[n] / 0.01 - 1) < 0.2 for n in std if ".layers.2." in n)
+
+
+def test_init_runs_verl_as_the_sync_trainer(monkeypatch):
+    """verl's branches test trainer_mode == "sync": HwnoiseTrainer validates, then runs as "sync"."""
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    seen = {}
+    monkeypatch.setattr(PPOTrainerSync, "__init__", lambda self, config: seen.update(mode=config.trainer.v1.trainer_mode))
+    config = verl_config([f"{R}.aqn.enabled=true", "trainer.v1.trainer_mode=hwnoise_sync"])
+    trainer = HwnoiseTrainer(config)
+    assert seen["mode"] == "sync" and trainer.hwnoise.aqn.enabled
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    assert get_trainer_cls("hwnoise_sync") is HwnoiseTrainer
