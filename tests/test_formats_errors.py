@@ -291,3 +291,5 @@ def test_metrics_with_format_validate_options():
         hwnoise.metrics.saturation_ratio(X, X, "mxfp5")
     with pytest.raises(ValueError, match=r"unknown rounding 'up'"):
         hwnoise.metrics.saturation_ratio(X, X, "mxfp4", rounding="up")
+    with pytest.raises(TypeError, match=r"unknown format option\(s\) bogus; accepted: scale_mode, rounding, block, axis"):
+        hwnoise.metrics.saturation_ratio(X, X, "mxfp4", bogus=1)

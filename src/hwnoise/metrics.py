@@ -6,6 +6,10 @@ import math
 
 import torch
 
+from .formats.fake_quant import options_for, saturated
+
+FORMAT_OPTIONS = ("scale_mode", "rounding", "block", "axis", "flavor")
+
 
 def _pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != x_hat.shape:
@@ -82,8 +86,7 @@ def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, fmt=None, **format_op
         return 0.0
     if fmt is None:
         return int((x.detach().abs() > x_hat.detach().abs().max()).sum()) / x.numel()
-    from .formats.fake_quant import _options, saturated
-
-    o = _options(x, fmt, format_options.get("scale_mode"), format_options.get("rounding"),
-                 format_options.get("block"), format_options.get("axis"), format_options.get("flavor"))
-    return int(saturated(x, o).sum()) / x.numel()
+    unknown = sorted(set(format_options) - set(FORMAT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown format option(s) {', '.join(unknown)}; accepted: {', '.join(FORMAT_OPTIONS)}")
+    return int(saturated(x, options_for(x, fmt, **format_options)).sum()) / x.numel()

@@ -17,7 +17,8 @@ import torch
 from . import kernels
 from .blocks import BlockLayout, from_blocks, to_blocks
 from .elements import ElementFormat, floor_log2, pow2
-from .fake_quant import Options, _check_tensor, _finite_amax, _options, _uniform_like
+from .fake_quant import Options, _check_tensor, _finite_amax, _options, _uniform_like, fake_quantize
+from .hif4 import decode_groups, encode_groups
 from .registry import FormatSpec
 
 
@@ -108,8 +109,6 @@ def encode(x: torch.Tensor, fmt, *, scale_mode=None, rounding=None, block=None, 
     x32 = x.detach().to(torch.float32)
     enc = Encoded(f, o, tuple(x.shape), x.dtype, codes=torch.empty(0, dtype=torch.uint8))
     if f.family == "cast":
-        from .fake_quant import fake_quantize
-
         target = torch.bfloat16 if f.element.name == "bf16" else torch.float16
         enc.codes = fake_quantize(x32, o, uniform).to(target).view(torch.int16)
         return enc
@@ -120,8 +119,6 @@ def encode(x: torch.Tensor, fmt, *, scale_mode=None, rounding=None, block=None, 
     xb, enc.layout = to_blocks(x32, o.block, o.axes)
     ub = to_blocks(uniform, o.block, o.axes)[0] if uniform is not None else None
     if f.family == "hif4":
-        from .hif4 import encode_groups
-
         enc.extra = encode_groups(xb, o.rounding, ub)
         return enc
     if f.family == "mx":
@@ -148,8 +145,6 @@ def decode(enc: Encoded) -> torch.Tensor:
     if f.family == "per_tensor":
         return kernels.per_tensor_decode(_lookup(enc.codes, f.element), enc.tensor_scale).to(enc.dtype)
     if f.family == "hif4":
-        from .hif4 import decode_groups
-
         return from_blocks(decode_groups(enc.extra), enc.layout).to(enc.dtype)
     codes = _unpack_nibbles(enc.codes) if f.element.bits == 4 else enc.codes
     q = _lookup(codes, f.element)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .blocks import from_blocks, normalize_axes, normalize_block, to_blocks
+from .blocks import from_blocks, normalize_axes, to_blocks
 from .compiled import CompileCache, worth_compiling
-from .elements import ROUNDING_MODES, round_to_element
+from .elements import round_to_element
 from .hif4 import quantize_groups
-from .registry import FLAVORS, FormatSpec, get
+from .registry import FormatSpec, get
 
 ACCEPTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STE_MODES = ("identity", "clipped")
@@ -34,39 +34,17 @@ class Options:
     flavor: str | None
 
 
-def resolve_options(fmt: FormatSpec, scale_mode=None, rounding=None, block=None, flavor=None) -> dict:
-    """Validate options against the format; return the ones that differ from its defaults."""
-    out = {}
-    if scale_mode is not None:
-        if fmt.family != "mx":
-            raise ValueError(f"{fmt.name} has no scale_mode (only MX formats take one); got {scale_mode!r}")
-        if scale_mode not in kernels.SCALE_MODES:
-            raise ValueError(f"unknown scale_mode {scale_mode!r}; known: {', '.join(kernels.SCALE_MODES)}")
-        out["scale_mode"] = scale_mode
-    if rounding is not None:
-        if rounding not in ROUNDING_MODES:
-            raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
-        out["rounding"] = rounding
-    if block is not None:
-        if fmt.block is None:
-            raise ValueError(f"{fmt.name} has no blocks ({fmt.scale_format} scaling); do not pass block={block!r}")
-        block = normalize_block(block)
-        if fmt.family == "hif4" and block != (64,):
-            raise ValueError(f"hif4 groups are 64 elements by definition; got block={block!r}")
-        out["block"] = block
-    if flavor is not None:
-        known = FLAVORS.get(fmt.family, ())
-        if flavor not in known:
-            raise ValueError(f"unknown flavor {flavor!r} for {fmt.name}; known: {', '.join(known) or '(none)'}")
-        out["flavor"] = flavor
-    return out
-
-
 def _check_tensor(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACCEPTED_DTYPES:
         raise TypeError(f"quantize expects a float32, bfloat16 or float16 tensor, got {x.dtype}")
+
+
+def options_for(x: torch.Tensor, fmt, *, scale_mode=None, rounding=None, block=None, axis=None,
+                flavor=None) -> Options:
+    """The resolved, validated options that `quantize(x, fmt, ...)` would use (hashable)."""
+    return _options(x, fmt, scale_mode, rounding, block, axis, flavor)
 
 
 def _options(x, fmt, scale_mode, rounding, block, axis, flavor) -> Options:

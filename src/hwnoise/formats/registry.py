@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .blocks import normalize_block
 from .elements import ELEMENTS, ROUNDING_MODES, ElementFormat
+from .hif4 import BITS_PER_VALUE as HIF4_BITS_PER_VALUE
 from .kernels import SCALE_MODES
 
 FAMILIES = ("mx", "nvfp4", "hif4", "per_tensor", "cast")
@@ -39,15 +41,11 @@ class FormatSpec:
         if self.family == "nvfp4":
             return self.element.bits + 8 / _block_numel(self.block)
         if self.family == "hif4":
-            from .hif4 import BITS_PER_VALUE
-
-            return BITS_PER_VALUE
+            return HIF4_BITS_PER_VALUE
         return float(self.element.bits)
 
     def with_options(self, **options) -> "FormatSpec":
         """A copy with validated default options (scale_mode, rounding, block, flavor)."""
-        from .fake_quant import resolve_options
-
         return replace(self, **resolve_options(self, **options))
 
     def quantize(self, x, **options):
@@ -64,6 +62,34 @@ class FormatSpec:
         from .encoding import decode
 
         return decode(encoded)
+
+
+def resolve_options(fmt: FormatSpec, scale_mode=None, rounding=None, block=None, flavor=None) -> dict:
+    """Validate options against the format; return the ones that differ from its defaults."""
+    out = {}
+    if scale_mode is not None:
+        if fmt.family != "mx":
+            raise ValueError(f"{fmt.name} has no scale_mode (only MX formats take one); got {scale_mode!r}")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"unknown scale_mode {scale_mode!r}; known: {', '.join(SCALE_MODES)}")
+        out["scale_mode"] = scale_mode
+    if rounding is not None:
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+        out["rounding"] = rounding
+    if block is not None:
+        if fmt.block is None:
+            raise ValueError(f"{fmt.name} has no blocks ({fmt.scale_format} scaling); do not pass block={block!r}")
+        block = normalize_block(block)
+        if fmt.family == "hif4" and block != (64,):
+            raise ValueError(f"hif4 groups are 64 elements by definition; got block={block!r}")
+        out["block"] = block
+    if flavor is not None:
+        known = FLAVORS.get(fmt.family, ())
+        if flavor not in known:
+            raise ValueError(f"unknown flavor {flavor!r} for {fmt.name}; known: {', '.join(known) or '(none)'}")
+        out["flavor"] = flavor
+    return out
 
 
 def _block_numel(block) -> int:
