@@ -99,13 +99,15 @@ def test_impossible_combination_is_refused_naming_the_key(override, key):
     assert key in str(err.value), str(err.value)
 
 
-def _main_ppo(*overrides, env=None):
+def _main_ppo(*overrides, env=None, cwd=None):
+    # Hydra writes outputs/<date>/ into the working directory: keep it out of the checkout.
     return subprocess.run([sys.executable, "-m", "hwnoise.integrations.verl.main_ppo", *overrides],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+                          cwd=cwd)
 
 
-def test_main_ppo_stops_before_any_worker_on_a_misspelled_key():
-    run = _main_ppo(*GRID, f"{R}.aqn.sigma_strat=0.01", "trainer.device=cpu")
+def test_main_ppo_stops_before_any_worker_on_a_misspelled_key(tmp_path):
+    run = _main_ppo(*GRID, f"{R}.aqn.sigma_strat=0.01", "trainer.device=cpu", cwd=tmp_path)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "aqn.sigma_strat" in run.stderr and "sigma_start" in run.stderr
     assert "ray init kwargs" not in run.stdout  # verl's run_ppo prints this before ray.init
