@@ -395,6 +395,15 @@ def _compare(name: str, clean: list[dict], other: list[dict]) -> dict:
                                         metric=m, seed=0)) for m in ("strict", "flexible")}
 
 
+def _entropy_interval(entropy, clean_entropy) -> dict | None:
+    """The entropy difference, or None when a side has under 2 problems with completion tokens
+    (a model that answers with EOS at once has no completion to measure)."""
+    finite = [[v for v in side if math.isfinite(v)] for side in (entropy or [], clean_entropy or [])]
+    if min(len(f) for f in finite) < 2:
+        return None
+    return unpaired_mean_interval(*finite)
+
+
 def evaluate_runs(model, tokenizer, args, out: Path, log, which=("F3", "F4"), generate: bool = True) -> dict | None:
     """F3 and F4 on the same problems, in chunks of ``batch_size`` problems (one ``hn.evaluate`` run per
     chunk under out/runs/NAME/chunk-KKK: resumable, and every setting reaches the same n chunk by chunk,
@@ -444,59 +453,72 @@ def evaluate_runs(model, tokenizer, args, out: Path, log, which=("F3", "F4"), ge
     if not ("F3" in which and "F4" in which and tuple(args.f4_sigmas) == F4_SIGMAS):
         return None
 
-    # Assemble from the chunks every setting has completed (the first K chunks).
-    f3_recs = {spec: [] for spec in f3_specs}
-    f4_recs = {name: [] for name, _, _ in f4_names}
-    done = 0
-    for c, chunk in enumerate(chunks):
-        got3 = _chunk_records(runs / "f3" / f"chunk-{c:03d}", chunk, f3_specs)
-        got4 = {name: _chunk_records(runs / name / f"chunk-{c:03d}", chunk, ["clean"]) for name in f4_recs}
-        if got3 is None or any(v is None for v in got4.values()):
-            break
-        for spec in f3_specs:
-            f3_recs[spec] += got3[spec]
-        for name in f4_recs:
-            f4_recs[name] += got4[name]["clean"]
-        done += len(chunk)
-    if done == 0:
-        raise RuntimeError(f"no chunk of {args.batch_size} problems is complete for every setting under {runs}")
-    clean = f3_recs["clean"]
-    clean_entropy = json.loads((runs / "f3" / "entropy_clean.json").read_text())
-    labels = {e.spec: e.label for e in map(hn.Emulation.parse, f3_specs)}
-    f3_settings = [_setting_summary(spec, labels[spec], f3_recs[spec]) for spec in f3_specs]
-    f3_rows = []
+    # Assemble: each setting pairs with clean on the leading chunks both have completed (all of them
+    # when the run finished; fewer when it was stopped early: each row states its n).
+    def collect(run_root: Path, spec: str) -> list[dict]:
+        recs = []
+        for c, chunk in enumerate(chunks):
+            got = _chunk_records(run_root / f"chunk-{c:03d}", chunk, [spec])
+            if got is None:
+                break
+            recs += got[spec]
+        return recs
+
+    def entropy_of(path: Path):
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    clean = collect(runs / "f3", "clean")
+    if not clean:
+        raise RuntimeError(f"no chunk of {args.batch_size} problems has its clean records under {runs / 'f3'}")
+    clean_entropy = entropy_of(runs / "f3" / "entropy_clean.json")
+    labels = {spec: hn.Emulation.parse(spec).label for spec in f3_specs}
+    f3_settings = [_setting_summary("clean", "clean", clean)]
+    f3_rows, missing = [], []
     for spec in F3_SETTINGS:
-        comps = _compare(spec, clean, f3_recs[spec])
+        recs = collect(runs / "f3", spec)
+        if not recs:
+            missing.append(spec)
+            continue
+        f3_settings.append(_setting_summary(spec, labels[spec], recs))
+        comps = _compare(spec, clean[:len(recs)], recs)
         claim_kind = "degrades" if spec == F3_DEGRADES else "unchanged"
         primary = comps["strict"]
         verdict = _verdict_degrades(primary) if claim_kind == "degrades" else _verdict_unchanged(primary)
         f3_rows.append({"setting": spec, "claim": claim_kind, "verdict": verdict, **primary, "flexible": comps["flexible"]})
     f4 = []
     for name, layer_types, sigma in f4_names:
-        summary = _setting_summary(name, name, f4_recs[name])
-        comps = _compare(name, clean, f4_recs[name])
+        recs = collect(runs / name, "clean")
+        if not recs:
+            missing.append(name)
+            continue
+        summary = _setting_summary(name, name, recs)
+        comps = _compare(name, clean[:len(recs)], recs)
         primary = comps["strict"]
         verdict = _verdict_collapse(primary) if layer_types == "linear" else _verdict_unchanged(primary)
-        noise = json.loads((runs / name / "noise.json").read_text())
-        entropy = json.loads((runs / name / "entropy.json").read_text())
+        noise = entropy_of(runs / name / "noise.json") or {}
+        entropy = entropy_of(runs / name / "entropy.json")
         f4.append({"name": name, "layer_types": layer_types, "sigma": sigma,
                    "noise_draw": "one draw (seed 0) held over the whole evaluation", **noise, "n": summary["n"],
                    "accuracy": summary["accuracy"]["strict"], "accuracy_flexible": summary["accuracy"]["flexible"],
                    "wilson_ci": summary["wilson_ci"]["strict"], "mean_generated_tokens": summary["mean_generated_tokens"],
-                   "comparison": comps, "entropy": unpaired_mean_interval(entropy, clean_entropy), "verdict": verdict,
-                   "sample_completion": f4_recs[name][0]["completion"][:160]})
+                   "comparison": comps, "verdict": verdict, "sample_completion": recs[0]["completion"][:160],
+                   "entropy": _entropy_interval(entropy, clean_entropy),
+                   "empty_completions": sum(not r["completion"].strip() for r in recs)})
+    done = min([len(clean)] + [r["n"] for r in f3_rows] + [r["n"] for r in f4])
     return {
-        "problems": args.problems, "n": done, "n_requested": args.n, "shots": args.shots,
+        "problems": args.problems, "n": done, "n_requested": args.n, "n_clean": len(clean), "not_measured": missing, "shots": args.shots,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "entropy_problems": ENTROPY_PROBLEMS,
         "F3": {"eval": {"settings": f3_settings}, "rows": f3_rows,
                "verdict": _overall([r["verdict"] for r in f3_rows])},
-        "F4": {"clean_entropy": float(np.mean(clean_entropy)), "rows": f4,
+        "F4": {"clean_entropy": float(np.mean(clean_entropy)) if clean_entropy else None, "rows": f4,
                "verdict": _overall([r["verdict"] for r in f4])},
         "seconds": time.perf_counter() - t0,
     }
 
 
 def _overall(verdicts: list[str]) -> str:
+    if not verdicts:
+        return "not measured"
     if all(v == "reproduced in direction" for v in verdicts):
         return "reproduced in direction"
     if any(v == "not reproduced" for v in verdicts):
@@ -526,11 +548,12 @@ def _p(p):
 def render_markdown(data: dict) -> str:
     """The findings tables from findings.json's data (no model, no measurement)."""
     env = data["environment"]
+    ev = data.get("eval")
+    setup = (f"problems: `{ev['problems']}` (first {ev['n_clean']} clean; each row gives its n), {ev['shots']} worked "
+             f"examples, greedy, max_new_tokens {ev['max_new_tokens']}, batch {ev['batch_size']}, seed 0. ") if ev else ""
     lines = [f"<!-- generated by benchmarks/findings.py from {JSON_FILE}; do not edit by hand -->", "",
-             f"Model: `{data['model']}`; mode: {data['mode']}; problems: `{data['eval']['problems']}` "
-             f"(first {data['eval']['n']}), greedy, max_new_tokens {data['eval']['max_new_tokens']}, batch "
-             f"{data['eval']['batch_size']}, seed 0. Machine: {env['nproc']} CPUs visible, torch threads "
-             f"{env['torch_threads']}, device {env['device']}; wall time {data['wall_seconds'] / 60:.1f} min.", ""]
+             f"Model: `{data['model']}`; mode: {data['mode']}; {setup}Machine: {env['nproc']} CPUs visible, torch "
+             f"threads {env['torch_threads']}, device {env['device']}; wall time {data['wall_seconds'] / 60:.1f} min.", ""]
     f1 = data.get("F1")
     if f1:
         lines += ["### F1 — NVFP4 vs MXFP4, weight mode", "",
@@ -571,30 +594,38 @@ def render_markdown(data: dict) -> str:
         lines += ["### F3 — operator-level relative noise on every matmul (evaluation: forward only)", "",
                   f"Clean: {cl['accuracy']['strict']:.1f} % strict {_ci(cl['wilson_ci']['strict'], '{:.1f}')} "
                   f"({cl['correct']['strict']}/{cl['n']}), {cl['accuracy']['flexible']:.1f} % flexible.", "",
-                  "| setting | accuracy % [Wilson 95 %] | drop, pts [bootstrap 95 %] | exact interval | McNemar p | b / c | class (n_needed) | claim | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| setting | n | accuracy % [Wilson 95 %] | drop, pts [bootstrap 95 %] | exact interval | McNemar p | b / c | class (n_needed) | claim | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         by_spec = {s["spec"]: s for s in f3["eval"]["settings"]}
         for r in f3["rows"]:
             s = by_spec[r["setting"]]
             exact = _ci(r["exact_drop_ci"]) if r.get("exact_drop_ci") else "—"
             need = f" ({r['n_needed']})" if r.get("n_needed") else ""
-            lines.append(f"| `{r['setting']}` | {s['accuracy']['strict']:.1f} {_ci(s['wilson_ci']['strict'], '{:.1f}')} | "
+            lines.append(f"| `{r['setting']}` | {r['n']} | {s['accuracy']['strict']:.1f} {_ci(s['wilson_ci']['strict'], '{:.1f}')} | "
                          f"{r['drop']:.1f} {_ci(r['drop_ci'], '{:.1f}')} | {exact} | {_p(r['mcnemar_p'])} | {r['b']} / {r['c']} | "
                          f"{r['robustness']}{need} | {r['claim']} | {r['verdict']} |")
+        skipped = [x for x in ev.get("not_measured", []) if not x.startswith("aqn-")]
+        if skipped:
+            lines += ["", f"Not measured in this run (no complete chunk): {', '.join(f'`{x}`' for x in skipped)}."]
         lines += ["", f"**Verdict: {f3['verdict']}.**", ""]
     if ev and "F4" in ev:
         f4 = ev["F4"]
         lines += ["### F4 — AQN-style noise on linear weights vs on RMSNorm weights", "",
                   f"Entropy: mean next-token entropy (nats) of the model on its own completions of the first "
-                  f"{ev['entropy_problems']} problems (teacher-forced), clean: {f4['clean_entropy']:.3f}; the Δ interval is an "
+                  f"{ev['entropy_problems']} problems (teacher-forced), clean: "
+                  f"{'—' if f4['clean_entropy'] is None else format(f4['clean_entropy'], '.3f')}; the Δ interval is an "
                   "unpaired bootstrap (different texts).", "",
-                  "| noise on | sigma | accuracy % [Wilson 95 %] | drop, pts [bootstrap 95 %] | McNemar p | b / c | "
-                  "entropy, nats (Δ vs clean [95 %]) | verdict |", "|---|---|---|---|---|---|---|---|"]
+                  "| noise on | sigma | n | accuracy % [Wilson 95 %] | drop, pts [bootstrap 95 %] | McNemar p | b / c | "
+                  "entropy, nats (Δ vs clean [95 %]) | verdict |", "|---|---|---|---|---|---|---|---|---|"]
         for r in f4["rows"]:
             c, e = r["comparison"]["strict"], r["entropy"]
-            lines.append(f"| {r['layer_types']} | {r['sigma']:g} | {r['accuracy']:.1f} {_ci(r['wilson_ci'], '{:.1f}')} | "
+            ent = "— (no completion tokens)" if e is None else f"{e['mean_a']:.3f} ({e['mean_diff']:+.3f} {_ci(e['ci'], '{:+.3f}')})"
+            lines.append(f"| {r['layer_types']} | {r['sigma']:g} | {r['n']} | {r['accuracy']:.1f} {_ci(r['wilson_ci'], '{:.1f}')} | "
                          f"{c['drop']:.1f} {_ci(c['drop_ci'], '{:.1f}')} | {_p(c['mcnemar_p'])} | {c['b']} / {c['c']} | "
-                         f"{e['mean_a']:.3f} ({e['mean_diff']:+.3f} {_ci(e['ci'], '{:+.3f}')}) | {r['verdict']} |")
+                         f"{ent} | {r['verdict']} |")
+        skipped = [x for x in ev.get("not_measured", []) if x.startswith("aqn-")]
+        if skipped:
+            lines += ["", f"Not measured in this run (no complete chunk): {', '.join(skipped)}."]
         lines += ["", f"**Verdict: {f4['verdict']}.**", ""]
     return "\n".join(lines) + "\n"
 
@@ -891,8 +922,14 @@ def main(argv=None) -> int:
     from hwnoise.models import load
 
     env = environment(args)
-    model, tokenizer = load(args.model, device=args.device)
-    log(f"model {args.model} loaded; torch threads {torch.get_num_threads()}, nproc {env['nproc']}")
+    loaded = []
+
+    def model_and_tokenizer():  # loaded on first need: an --assemble run over cached results loads nothing
+        if not loaded:
+            loaded.extend(load(args.model, device=args.device))
+            log(f"model {args.model} loaded; torch threads {torch.get_num_threads()}, nproc {env['nproc']}")
+        return loaded
+
     samples = MODES[args.mode]["scan_samples"]
     data = {"schema_version": SCHEMA_VERSION, "model": str(args.model), "mode": args.mode, "claims": CLAIMS,
             "source": SOURCE, "environment": env, "argv": sys.argv[1:]}
@@ -906,10 +943,11 @@ def main(argv=None) -> int:
             log(f"{key}: reused {cache}")
             continue
         log(f"{key}: {what}")
-        data[key] = measure(model, tokenizer, samples)
+        data[key] = measure(*model_and_tokenizer(), samples)
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json(cache, data[key])
     if "F3" in args.only or "F4" in args.only:
+        model, tokenizer = model_and_tokenizer() if not args.assemble else (None, None)
         evals = evaluate_runs(model, tokenizer, args, out, log, which=args.only, generate=not args.assemble)
         if evals is None:
             log("F3 and F4 pair on the same clean run: this run only filled its run directories; "
