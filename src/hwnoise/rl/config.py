@@ -133,7 +133,8 @@ class EmulationConfig:
     noise_phase: str = _field("rollout", "When the operator noise applies: rollout, training or both.",
                               choices=PHASES)
     targets: str = _field("linear", "Modules the weight/input formats reach (hwnoise.select spec).")
-    exclude: tuple[str, ...] = _field(("lm_head",), "Module name globs left in full precision.")
+    exclude: tuple[str, ...] = _field((), "Module name globs left in full precision, beyond the default "
+                                      "excludes (lm_head, embeddings), which apply unless a target names them.")
 
 
 @dataclass
