@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from hwnoise.cli import app
 from hwnoise.eval.report import EvalReport, SettingResult
-from hwnoise.report.runs import load_run, runs_markdown, summarize_runs
+from hwnoise.rl.runs import load_run, runs_markdown, summarize_runs
 
 IDS = [f"p{i}" for i in range(20)]
 
@@ -52,7 +52,7 @@ def _make_run(root, name, config, evals: dict[int, list[bool]], *, records=True,
 
 BASE = {"algorithm": {"loss_type": "grpo"}, "finetune": "full", "emulation": {}, "aqn": {"enabled": False}}
 NOISY = {"algorithm": {"loss_type": "dapo"}, "finetune": "lora", "lora": {"rank": 8},
-         "emulation": {"weight_format": "mxfp4", "weight_phase": "rollout"},
+         "emulation": {"rollout": "weights:mxfp4", "training": None},
          "aqn": {"enabled": True, "schedule": "staged", "sigma_start": 0.01, "sigma_end": 0.0005}}
 
 # Baseline: right on the first 10. The AQN run at its final step: b = 1 (p0 lost), c = 7 (p10..p16 gained).
@@ -76,7 +76,7 @@ def test_final_best_intervals_and_paired_delta(runs):
     assert (a["final"]["step"], a["final"]["accuracy"]) == (6, 80.0)
     assert (a["best"]["step"], a["best"]["accuracy"]) == (3, 90.0)  # the best eval is not the last
     assert a["final"]["ci"] == pytest.approx(_wilson(16, 20), abs=1e-9)
-    assert a["emulation"] == "W mxfp4 (rollout)" and a["aqn"] == "staged 0.01->0.0005"
+    assert a["emulation"] == "weights:mxfp4 (rollout)" and a["aqn"] == "staged 0.01->0.0005"
     assert a["finetune"] == "lora r8" and a["algorithm"] == "dapo"
     d = a["delta"]
     assert d["paired"] and d["points"] == pytest.approx(30.0)
@@ -129,3 +129,26 @@ def test_cli_writes_markdown_and_json(runs, tmp_path):
     assert "| mxfp4-aqn |" in md and "+30.0 [" in md and "baseline" in md
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "no run directory" in bad.output
+
+
+def test_run_directories_with_the_old_emulation_form_are_still_described():
+    from hwnoise.rl.runs import describe_config
+
+    old = {"emulation": {"weight_format": "mxfp4", "weight_phase": "both", "noise": "relative", "noise_scale": 0.05}}
+    assert describe_config(old)["emulation"] == "W mxfp4 (both), relative 0.05 (rollout)"
+    new = {"emulation": {"rollout": "weights:mxfp4+relative:0.05@ops", "training": "weights:mxfp4"}}
+    assert describe_config(new)["emulation"] == "weights:mxfp4+relative:0.05@ops (rollout), weights:mxfp4 (training)"
+    assert describe_config({"emulation": {"rollout": "clean", "training": None}})["emulation"] == "-"
+
+
+def test_the_old_module_path_warns_and_does_not_import_rl():
+    import subprocess
+    import sys
+
+    code = ("import sys, warnings; import hwnoise.report.runs as old; assert 'hwnoise.rl' not in sys.modules, 'rl imported';"
+            "warnings.simplefilter('error');\n"
+            "try:\n    old.summarize_runs\nexcept DeprecationWarning as w:\n    assert 'hwnoise.rl.runs.summarize_runs' in str(w), w\n"
+            "else:\n    raise SystemExit('no warning')\n"
+            "warnings.simplefilter('ignore'); import hwnoise.rl.runs as new; assert old.summarize_runs is new.summarize_runs")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -17,7 +17,7 @@ def report_command(
     out: Path = typer.Option(Path("hwnoise-out/report"), "--out", "-o", help="Output directory for runs.md and runs.json (written atomically)."),
 ) -> None:
     """Compare training runs: configuration, final and best held-out accuracy with intervals, delta vs the baseline."""
-    from ..report.runs import runs_table, summarize_runs, write_runs_report
+    from ..rl.runs import runs_table, summarize_runs, write_runs_report
 
     _check_out(out)
     try:
