@@ -31,7 +31,7 @@ from rich.table import Table
 
 from hwnoise.data import load_problems
 from hwnoise.eval.generate import build_prompts, eos_token_ids, generate_greedy
-from hwnoise.inject import Emulation
+from hwnoise.emulation import Emulation
 from hwnoise.models import load
 
 TARGET_RATIO = 0.8

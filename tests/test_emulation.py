@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hwnoise as hn
-from hwnoise.inject import Emulation
+from hwnoise.emulation import Emulation
 from test_inject_models import bit_identical, snapshot, tiny_llama, tokens
 
 
@@ -195,3 +195,24 @@ def test_substeps_of_one_step_draw_their_own_noise(model):
     with pytest.raises(ValueError, match="substep"):
         with e.applied(model, substep=-1):
             pass
+
+
+# -- the old home, hwnoise.inject ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Emulation", "EmulationStats", "EMULATION_WHERE"])
+def test_old_inject_names_warn_and_resolve_to_hwnoise_emulation(name):
+    import importlib
+    import sys
+
+    import hwnoise.emulation as new
+    from hwnoise.compat import HwnoiseDeprecationWarning
+
+    old_package = sys.modules["hwnoise.inject"]  # (hwnoise.inject the attribute is the inject() function)
+    with pytest.warns(HwnoiseDeprecationWarning, match=rf"hwnoise\.inject\.{name} .*hwnoise\.emulation\.{name}"):
+        assert getattr(old_package, name) is getattr(new, name)
+    old_module = importlib.import_module("hwnoise.inject.emulation")
+    with pytest.warns(HwnoiseDeprecationWarning, match=rf"hwnoise\.inject\.emulation\.{name} .*hwnoise\.emulation"):
+        assert getattr(old_module, name) is getattr(new, name)
+    assert name not in vars(old_package) and name not in vars(old_module)  # resolved, not copied
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        old_module.Nope  # noqa: B018

@@ -263,7 +263,7 @@ def test_bad_input_is_refused_before_generating(tok, kwargs, message):
 
 def test_report_json_table_and_files(model, tok, tmp_path):
     from hwnoise.data import Problem
-    from hwnoise.inject import Emulation
+    from hwnoise.emulation import Emulation
 
     probs = [Problem(id=p["id"], question=p["question"], answer=f"#### {p['gold']}", gold=p["gold"]) for p in problems(5)]
     report = evaluate(model, tok, probs, [Emulation.parse("relative:0.1@ops"), "relative:0.1@ops", "clean"],

@@ -12,7 +12,7 @@ from torch import nn
 
 import hwnoise as hn
 from hwnoise.errors import Quantize
-from hwnoise.inject.emulation import Emulation
+from hwnoise.emulation import Emulation
 from test_inject_models import bit_identical, snapshot, tiny_llama, tokens
 
 

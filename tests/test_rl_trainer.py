@@ -291,7 +291,7 @@ def test_training_phase_noise_reaches_the_loss_forward_and_its_backward(tokenize
 
 def test_each_training_forward_of_a_step_draws_its_own_noise(tokenizer, tmp_path, monkeypatch):
     """Two micro-batches per step: their loss forwards must not reuse one noise stream."""
-    from hwnoise.inject import Emulation
+    from hwnoise.emulation import Emulation
 
     keys = []
     original = Emulation.applied

@@ -4,7 +4,8 @@ from . import errors, formats, metrics
 from .aqn import AQN
 from .eval import EvalReport, evaluate
 from .formats import quantize
-from .inject import Emulation, inject, noisy_ops, phase
+from .emulation import Emulation
+from .inject import inject, noisy_ops, phase
 from .scan import ScanReport, scan, scan_faults
 
 __version__ = "0.1.0"

@@ -39,14 +39,14 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .. import errors as E
-from ..formats import get as get_format, quantize
-from ..plans import WeightPlan, check_weight_format, is_plan_spec
-from ..select import select_modules
-from .hooks import inject
-from .ops import ALL_OPS, DEFAULT_OPS, _resolve_ops, noisy_ops
+from . import errors as E
+from .formats import get as get_format, quantize
+from .inject.hooks import inject
+from .inject.ops import ALL_OPS, DEFAULT_OPS, _resolve_ops, noisy_ops
+from .plans import WeightPlan, check_weight_format, is_plan_spec
+from .select import select_modules
 
-__all__ = ["EMULATION_WHERE", "Emulation"]
+__all__ = ["EMULATION_WHERE", "Emulation", "EmulationStats"]
 
 EMULATION_WHERE = ("ops", "input", "output", "weight")
 _SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA",
@@ -290,7 +290,7 @@ class Emulation:
                     stack.enter_context(_quantized_weights(model, self.weight_format, self.targets,
                                                            self.exclude, stats))
             if self.aqn_sigma:
-                from ..aqn import AQN, Constant
+                from .aqn import AQN, Constant
 
                 aqn = AQN(Constant(self.aqn_sigma), seed=_derived_seed(seed, step, "aqn", substep))
                 stack.enter_context(aqn.noisy(model, step=0, total_steps=1))

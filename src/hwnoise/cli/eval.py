@@ -30,7 +30,7 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
                           setting: list[str] | None) -> list[str]:
     """The Emulation specs the options name, clean first; ValueError on anything unknown."""
     from ..errors import names as error_names
-    from ..inject import EMULATION_WHERE, Emulation
+    from ..emulation import EMULATION_WHERE, Emulation
 
     if where not in EMULATION_WHERE:
         raise ValueError(f"unknown --where {where!r}; known: {', '.join(EMULATION_WHERE)}")

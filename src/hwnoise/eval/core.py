@@ -73,7 +73,7 @@ def check_problems(problems, n: int | None = None) -> list[EvalProblem]:
 
 def parse_settings(settings) -> list:
     """``Emulation``s from specs or Emulations, duplicates dropped, clean first (added if missing)."""
-    from ..inject import Emulation
+    from ..emulation import Emulation
 
     if isinstance(settings, (str, Emulation)):
         settings = [settings]

@@ -88,7 +88,7 @@ def _aqn(config: TrainConfig):
 
 
 def _emulation(config: TrainConfig, phase: str):
-    from ..inject import Emulation
+    from ..emulation import Emulation
 
     parts = config.phase_parts(phase)
     if not parts:

@@ -24,7 +24,8 @@ from contextlib import ExitStack
 import torch
 from trl import GRPOTrainer
 
-from ..inject import Emulation, phase
+from ..emulation import Emulation
+from ..inject import phase
 
 __all__ = ["HwnoiseGRPOTrainer"]
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ...aqn import Constant, EpochAwareDecay, LayerMultipliers, Schedule, StagedDecay
-from ...inject import Emulation
+from ...emulation import Emulation
 from ...inject.env import ENV_VARS
 from ...rl.config import AQN_SCHEDULES, AQNConfig
 
