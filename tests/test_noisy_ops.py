@@ -454,3 +454,19 @@ def test_forward_noise_is_the_same_with_and_without_autograd():
     assert torch.equal(direct, forward_only.detach())
     with torch.no_grad():
         assert not torch.equal(direct, model(x))
+
+
+def test_resolve_ops_is_the_public_op_list_parser():
+    from hwnoise.emulation import Emulation
+    from hwnoise.inject import ALL_OPS, resolve_ops
+    from hwnoise.inject.env import HwnoiseEnvError, config_from_env
+
+    assert resolve_ops(" all ") == ALL_OPS and resolve_ops("matmul, linear,matmul") == ("matmul", "linear")
+    with pytest.raises(ValueError, match="unknown op 'nope'; known: linear"):
+        resolve_ops("linear,nope")
+    # the spec grammar and the environment read op lists through it
+    assert Emulation.parse("relative:0.05@ops[ all ]").ops == ALL_OPS
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        Emulation.parse("relative:0.05@ops[nope]")
+    with pytest.raises(HwnoiseEnvError, match="HWNOISE_OPS='linear,nope'"):
+        config_from_env({"HWNOISE_ERROR": "relative:0.05", "HWNOISE_OPS": "linear,nope"})

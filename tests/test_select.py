@@ -249,3 +249,29 @@ def test_layer_range_spec_in_targets():
     assert set(norms) == {"model.layers.3.input_layernorm", "model.layers.3.post_attention_layernorm"}
     with pytest.raises(ValueError, match="valid: 0-19"):
         select_modules(model, "layers.25")
+
+
+# -- parse_names: the one parser of a targets / exclude list --------------------------------------
+
+def test_parse_names_splits_commas_and_keeps_layer_ranges_whole():
+    from hwnoise.select import parse_names
+
+    assert parse_names("linear, *.q_proj") == ("linear", "*.q_proj")
+    assert parse_names(["linear", "lm_head"]) == ("linear", "lm_head")
+    # "layers.0-3,14" is one layer-range spec to select_modules: its comma does not start a glob "14"
+    assert parse_names("layers.0-3,14,*.q_proj") == ("layers.0-3", "layers.14", "*.q_proj")
+    model = nn.Sequential()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList(nn.Sequential(nn.Linear(2, 2)) for _ in range(16))
+    assert select_modules(model, parse_names("layers.0-3,14")) == select_modules(model, "layers.0-3,14")
+    for bad, says in ((["linear", ""], "non-empty"), (["a+b"], "separate"), (3, "string or a sequence")):
+        with pytest.raises(ValueError, match=says):
+            parse_names(bad, "exclude")
+
+
+def test_emulation_reads_targets_through_parse_names():
+    from hwnoise.emulation import Emulation
+
+    e = Emulation.parse("weights:mxfp4+targets:layers.0-3,14+exclude:*.down_proj,*.up_proj")
+    assert e.targets == ("layers.0-3", "layers.14") and e.exclude == ("*.down_proj", "*.up_proj")
+    assert Emulation.parse(e.spec) == e

@@ -42,9 +42,9 @@ from torch import nn
 from . import errors as E
 from .formats import get as get_format, quantize
 from .inject.hooks import inject
-from .inject.ops import ALL_OPS, DEFAULT_OPS, _resolve_ops, noisy_ops
+from .inject.ops import ALL_OPS, DEFAULT_OPS, noisy_ops, resolve_ops
 from .plans import WeightPlan, check_weight_format, is_plan_spec
-from .select import select_modules
+from .select import parse_names, select_modules
 
 __all__ = ["EMULATION_WHERE", "Emulation", "EmulationStats"]
 
@@ -54,7 +54,6 @@ _SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA",
                "targets:T1,T2", "exclude:G1,G2")
 _WHERE_PART = re.compile(r"^\s*([A-Za-z_]+)\s*(?:\[(.*)\])?\s*$")
 _DEFAULT_TARGETS = "linear"
-_LIST_RESERVED = ("+", ",")  # separators of the spec string: not allowed inside one target or exclude
 
 
 def _derived_seed(seed: int, step: int, what: str, substep: int = 0) -> int:
@@ -67,25 +66,6 @@ def _number(value: float) -> str:
     """A float written short (``0.01``, ``1e-05``) but exactly: it parses back to the same float."""
     short = f"{value:g}"
     return short if float(short) == value else repr(value)
-
-
-def _names(value, what: str) -> tuple[str, ...]:
-    """A targets/exclude value as a tuple of non-empty names that a spec string can carry."""
-    items = (value,) if isinstance(value, str) else value
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise ValueError(f"bad {what} {value!r}; expected a string or a sequence of strings") from None
-    out = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"bad {what} entry {item!r} in {value!r}; expected a non-empty string "
-                             "(a layer type such as 'linear', 'layers.14-17' or a name glob)")
-        if any(sep in item for sep in _LIST_RESERVED):
-            raise ValueError(f"bad {what} entry {item!r}: '+' and ',' separate parts and names in emulation "
-                             f"specs; give several {what} as a sequence")
-        out.append(item.strip())
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -121,17 +101,17 @@ class Emulation:
             object.__setattr__(self, "error", text.strip())
         if self.where not in EMULATION_WHERE:
             raise ValueError(f"unknown where {self.where!r}; known: {', '.join(EMULATION_WHERE)}")
-        ops = set(_resolve_ops(self.ops))
+        ops = set(resolve_ops(self.ops))
         object.__setattr__(self, "ops", tuple(o for o in ALL_OPS if o in ops))  # order changes nothing
         sigma = self.aqn_sigma
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
             raise ValueError(f"aqn_sigma must be a finite number >= 0; got {sigma!r}")
         object.__setattr__(self, "aqn_sigma", float(sigma))
-        targets = _names(self.targets, "targets")
+        targets = parse_names(self.targets, "targets")
         if not targets:
             raise ValueError("targets is empty; give a layer type such as 'linear' or a name glob")
         object.__setattr__(self, "targets", targets[0] if len(targets) == 1 else targets)
-        object.__setattr__(self, "exclude", _names(self.exclude or (), "exclude"))
+        object.__setattr__(self, "exclude", parse_names(self.exclude or (), "exclude"))
         # Fields that change nothing take their defaults: equal behaviour, equal identity (spec).
         if self.error is None or self.where != "ops":
             object.__setattr__(self, "ops", DEFAULT_OPS)
@@ -178,7 +158,7 @@ class Emulation:
                 except ValueError:
                     raise ValueError(f"bad AQN sigma {rest.strip()!r} in {spec!r}; expected a number, e.g. aqn:0.01") from None
             elif head in ("targets", "exclude"):
-                put(head, tuple(t.strip() for t in rest.split(",")), part)
+                put(head, rest, part)  # hwnoise.select.parse_names reads the list
             elif E.is_name(head):
                 error, at, where = part.partition("@")
                 put("error", error.strip(), part)
@@ -192,7 +172,7 @@ class Emulation:
                         if kwargs["where"] != "ops":
                             raise ValueError(f"an op list is for @ops only; got {where.strip()!r} in {spec!r} "
                                              "(module-level errors select modules with targets:...)")
-                        kwargs["ops"] = "all" if match.group(2).strip() == "all" else match.group(2)
+                        kwargs["ops"] = match.group(2)  # hwnoise.inject.ops.resolve_ops reads the list
             else:
                 raise ValueError(f"unknown part {part!r} in emulation spec {spec!r}; expected one of: "
                                  f"{', '.join(_SPEC_FORMS)}; error models: {', '.join(E.names())}")

@@ -28,6 +28,7 @@ __all__ = [
     "is_rmsnorm",
     "matches_name",
     "parse_layers",
+    "parse_names",
     "select_modules",
 ]
 
@@ -205,6 +206,43 @@ def _as_tuple(spec, what: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ValueError(f"bad {what} entry {item!r}; expected a layer type or a name glob (a string)")
     return items
+
+
+_NAME_SEPARATORS = ("+", ",")  # separate parts and names in spec strings: never inside one name
+_RANGE_CONTINUATION = re.compile(r"^\d+(?:-\d+)?$")
+
+
+def parse_names(spec, what: str = "targets") -> tuple[str, ...]:
+    """A targets / exclude selection from its spec form, the one parser of it.
+
+    ``spec``: a string of comma-separated names (``"linear,*.q_proj"``, as after ``targets:`` in an
+    emulation spec) or a sequence of names. A layer range keeps its own commas: ``"layers.0-3,14"``
+    is ``("layers.0-3", "layers.14")`` (the same modules). Each name is a non-empty string without
+    '+' or ','; a ValueError names the bad entry.
+    """
+    if isinstance(spec, str):
+        items: list = []
+        for item in spec.split(","):
+            stripped = item.strip()
+            if items and _RANGE_CONTINUATION.match(stripped) and _LAYER_RANGE_SPEC.match(str(items[-1]).strip()):
+                items.append(f"layers.{stripped}")
+            else:
+                items.append(item)
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise ValueError(f"bad {what} {spec!r}; expected a string or a sequence of strings") from None
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"bad {what} entry {item!r} in {spec!r}; expected a non-empty string "
+                             "(a layer type such as 'linear', 'layers.14-17' or a name glob)")
+        if any(sep in item for sep in _NAME_SEPARATORS):
+            raise ValueError(f"bad {what} entry {item!r}: '+' and ',' separate parts and names in emulation "
+                             f"specs; give several {what} as a sequence")
+        out.append(item.strip())
+    return tuple(out)
 
 
 def _no_match(what: str, model: nn.Module) -> ValueError:

@@ -11,7 +11,7 @@ the module path ``hwnoise.inject.emulation`` still resolve there, with a depreca
 from ..compat import module_aliases
 from .env import config_from_env, disable_from_env, enable_from_env
 from .hooks import WHERE, Injection, SiteStats, inject
-from .ops import ALL_OPS, DEFAULT_OPS, NoisyOps, noisy_ops, register_op
+from .ops import ALL_OPS, DEFAULT_OPS, NoisyOps, noisy_ops, register_op, resolve_ops
 from .phases import current_phase, phase
 
 # hwnoise.noisy_ops.enable_from_env(): the factory carries the environment switch.
@@ -27,5 +27,5 @@ __getattr__ = module_aliases(__name__, {
 
 __all__ = [
     "ALL_OPS", "DEFAULT_OPS", "WHERE", "Injection", "NoisyOps", "SiteStats", "config_from_env", "current_phase",
-    "disable_from_env", "enable_from_env", "inject", "noisy_ops", "phase", "register_op",
+    "disable_from_env", "enable_from_env", "inject", "noisy_ops", "phase", "register_op", "resolve_ops",
 ]

@@ -37,7 +37,7 @@ import threading
 import torch
 
 from .. import errors
-from .ops import ALL_OPS, NoisyOps
+from .ops import ALL_OPS, NoisyOps, resolve_ops
 from .phases import INJECTION_PHASES
 
 __all__ = ["ENV_VARS", "HwnoiseEnvError", "config_from_env", "disable_from_env", "enable_from_env"]
@@ -92,9 +92,10 @@ def config_from_env(environ=None) -> dict | None:
         raise _bad("HWNOISE_ERROR", text, f"{', '.join(errors.names())}, or a spec such as 'relative:0.05' "
                    "with HWNOISE_SCALE for a bare name", str(exc)) from None
     ops_text = values.get("HWNOISE_OPS", "linear,matmul,bmm")
-    ops = "all" if ops_text.strip() == "all" else tuple(o.strip() for o in ops_text.split(",") if o.strip())
-    if ops != "all" and (not ops or any(o not in ALL_OPS for o in ops)):
-        raise _bad("HWNOISE_OPS", ops_text, f"'all' or comma-separated names from {', '.join(ALL_OPS)}")
+    try:
+        ops = "all" if ops_text.strip() == "all" else resolve_ops(ops_text)  # the one op-list parser
+    except ValueError:
+        raise _bad("HWNOISE_OPS", ops_text, f"'all' or comma-separated names from {', '.join(ALL_OPS)}") from None
     seed_text = values.get("HWNOISE_SEED", "0")
     try:
         seed = int(seed_text)

@@ -68,7 +68,7 @@ from .phases import check_phase, phase_active
 
 aten = torch.ops.aten
 
-__all__ = ["ALL_OPS", "DEFAULT_OPS", "GEMM_LIKE", "OPS", "NoisyOps", "noisy_ops", "register_op"]
+__all__ = ["ALL_OPS", "DEFAULT_OPS", "GEMM_LIKE", "OPS", "NoisyOps", "noisy_ops", "register_op", "resolve_ops"]
 
 DEFAULT_OPS = ("linear", "matmul", "bmm")
 
@@ -374,9 +374,11 @@ def _call_name(func) -> str:
     return f"{module}.{qualname}"
 
 
-def _resolve_ops(ops) -> tuple[str, ...]:
+def resolve_ops(ops) -> tuple[str, ...]:
+    """An op list (``"all"``, ``"linear,matmul"`` or a sequence of op names) as op names, each once:
+    the one parser of op lists (``@ops[...]`` in emulation specs, ``HWNOISE_OPS``, ``noisy_ops(ops=)``)."""
     if isinstance(ops, str):
-        ops = ALL_OPS if ops == "all" else tuple(o.strip() for o in ops.split(",") if o.strip())
+        ops = ALL_OPS if ops.strip() == "all" else tuple(o.strip() for o in ops.split(",") if o.strip())
     try:
         ops = tuple(ops)
     except TypeError:
@@ -402,7 +404,7 @@ class NoisyOps(TorchFunctionMode):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}")
         self.error = error
-        self.ops = _resolve_ops(ops)
+        self.ops = resolve_ops(ops)
         self.forward = forward
         self.backward = backward
         self.seed = seed
