@@ -210,7 +210,7 @@ def test_bf16_norms_near_one_noise_lands_naive_add_does_not():
 def test_thousand_apply_restore_cycles_bit_identical():
     model = _tiny_llama(hidden=32, layers=2, dtype=torch.bfloat16, norm_range=(0.5, 1.5))
     start = _snapshot(model)
-    aqn = AQN(StagedDecay(1e-2, 1e-3, stages=4), layer_types=("rmsnorm", "linear"), seed=11)
+    aqn = AQN(StagedDecay(1e-2, 1e-3, stages=4), targets=("rmsnorm", "linear"), seed=11)
     noised = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the linear-sigma warning is tested elsewhere
@@ -283,7 +283,7 @@ def test_weights_modified_while_noisy_warns_and_restores_clean():
 def test_exception_inside_noisy_restores_weights():
     model = _tiny_llama(dtype=torch.bfloat16, norm_range=(0.2, 1.5))
     clean = _snapshot(model)
-    aqn = AQN(Constant(1e-2), layer_types=("rmsnorm", "linear"))
+    aqn = AQN(Constant(1e-2), targets=("rmsnorm", "linear"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         with pytest.raises(KeyError, match="boom"):
@@ -302,7 +302,7 @@ def test_warmup_sigma_zero_is_bit_identical_and_untouched():
     model = _tiny_llama(dtype=torch.bfloat16, norm_range=(0.2, 1.5))
     clean = _snapshot(model)
     versions = {n: p._version for n, p in model.named_parameters()}
-    aqn = AQN(StagedDecay(1e-2, 1e-3, stages=10), layer_types=("rmsnorm", "linear"))
+    aqn = AQN(StagedDecay(1e-2, 1e-3, stages=10), targets=("rmsnorm", "linear"))
     with aqn.noisy(model, 9, 100) as active:  # step 9 of 100: first of 10 stages, the warm-up
         assert _changed(model, clean) == []
         assert all(s.requested_sigma == 0 and s.changed_fraction == 0 for s in active.stats().values())
@@ -338,7 +338,7 @@ def test_targeted_json_touches_only_targeted_layers(tmp_path):
     path.write_text(json.dumps({"layer_multipliers": {"1": 2.0}, "default_multiplier": 0.5, "targeted": [1, 2]}))
     model = _tiny_llama(layers=4)
     clean = _snapshot(model)
-    aqn = AQN(Constant(1e-3), layer_types=("rmsnorm", "linear"), multipliers=path)
+    aqn = AQN(Constant(1e-3), targets=("rmsnorm", "linear"), multipliers=path)
     with aqn.noisy(model, 0, 1):
         changed = set(_changed(model, clean))
         stats = aqn.stats()
@@ -355,7 +355,7 @@ def test_linear_noise_is_relative_and_warns_once():
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[:, :8] = 0.0
     clean = _snapshot(model)
-    aqn = AQN(Constant(1e-2), layer_types="linear")
+    aqn = AQN(Constant(1e-2), targets="linear")
     with pytest.warns(UserWarning, match="linear"):
         aqn.apply(model, 0, 10)
     down = model.model.layers[0].mlp.down_proj.weight.detach()
@@ -368,7 +368,7 @@ def test_linear_noise_is_relative_and_warns_once():
         warnings.simplefilter("error")  # once per AQN: a second apply is silent
         aqn.apply(model, 1, 10)
         aqn.restore(model)
-        quiet = AQN(Constant(4e-3), layer_types="linear")
+        quiet = AQN(Constant(4e-3), targets="linear")
         with quiet.noisy(model, 0, 10):
             pass
     assert _changed(model, clean) == []
@@ -418,8 +418,8 @@ def test_malformed_multiplier_json_names_the_file(tmp_path, content, words):
 def test_bad_aqn_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no-such.json"):
         AQN(Constant(1e-3), multipliers=tmp_path / "no-such.json")
-    with pytest.raises(ValueError, match=r"unknown layer_types \['layernorm'\]; known: linear, rmsnorm"):
-        AQN(Constant(1e-3), layer_types=("rmsnorm", "layernorm"))
+    with pytest.raises(ValueError, match=r"unknown targets \['layernorm'\]; known: linear, rmsnorm"):
+        AQN(Constant(1e-3), targets=("rmsnorm", "layernorm"))
     with pytest.raises(ValueError, match="rounding"):
         AQN(Constant(1e-3), rounding="up")
     with pytest.raises(ValueError, match="seed"):
@@ -558,7 +558,7 @@ def test_bundled_cycles_bit_identical_and_targeting(bundled_bf16, tmp_path):
 
     path = tmp_path / "scan.json"
     path.write_text(json.dumps({"layer_multipliers": {"14": 1.5}, "default_multiplier": 1.0, "targeted": [14, 15]}))
-    aqn = AQN(Constant(1e-3), layer_types=("rmsnorm", "linear"), multipliers=path)
+    aqn = AQN(Constant(1e-3), targets=("rmsnorm", "linear"), multipliers=path)
     with aqn.noisy(bundled_bf16, 0, 1):
         changed = set(_changed(bundled_bf16, start))
         multipliers = {s.layer: s.multiplier for s in aqn.stats().values()}
@@ -569,3 +569,22 @@ def test_bundled_cycles_bit_identical_and_targeting(bundled_bf16, tmp_path):
     with pytest.raises(ValueError, match=r"\[30\].*valid: 0-29"):
         AQN(Constant(1e-3), multipliers={30: 1.5}).apply(bundled_bf16, 0, 1)
     assert hwnoise.AQN is AQN
+
+
+def test_old_names_layer_types_and_rounding_modes_warn_and_still_work():
+    import hwnoise.aqn
+    import hwnoise.aqn.noise
+    from hwnoise.compat import HwnoiseDeprecationWarning
+
+    with pytest.warns(HwnoiseDeprecationWarning, match="layer_types= .* use targets="):
+        aqn = AQN(Constant(1e-3), layer_types=("rmsnorm", "linear"))
+    assert aqn.targets == ("rmsnorm", "linear")
+    with pytest.warns(HwnoiseDeprecationWarning, match="AQN.layer_types"):
+        assert aqn.layer_types == ("rmsnorm", "linear")
+    with pytest.raises(TypeError, match="got both 'layer_types' .deprecated. and 'targets'"):
+        AQN(Constant(1e-3), layer_types="linear", targets="linear")
+    for module in (hwnoise.aqn, hwnoise.aqn.noise):
+        with pytest.warns(HwnoiseDeprecationWarning, match="NOISE_ROUNDING"):
+            assert module.ROUNDING_MODES == hwnoise.aqn.NOISE_ROUNDING == ("stochastic", "nearest")
+    with pytest.raises(ValueError, match="unknown rounding 'rne'; known: stochastic, nearest"):
+        AQN(Constant(1e-3), rounding="rne")

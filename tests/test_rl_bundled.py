@@ -37,7 +37,7 @@ def test_six_step_mxfp4_aqn_run_logs_sigma_reward_and_eval(tmp_path, monkeypatch
     assert "Held-out accuracy" in result.output
 
     config = TrainConfig.from_yaml(run_dir / "hwnoise_config.yaml")
-    assert config.emulation.weight_format == "mxfp4" and config.aqn.enabled and config.steps == 6
+    assert config.emulation.rollout == "weights:mxfp4" and config.aqn.enabled and config.steps == 6
     schedule = StagedDecay(config.aqn.sigma_start, config.aqn.sigma_end, stages=config.aqn.stages)
 
     logged = scalars(run_dir / "tensorboard")

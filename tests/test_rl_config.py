@@ -43,14 +43,14 @@ def test_yaml_nested_sections_and_dotted_keys_mean_the_same(tmp_path):
 def test_overrides_take_their_types_from_the_dataclass():
     c = TrainConfig.from_dict({"steps": 3}, [
         "steps=6", "aqn.sigma_start=1e-2", "aqn.enabled=true", "finetune=lora", "lora.targets=q_proj, v_proj",
-        "emulation.weight_format=mxfp4", "algorithm.epsilon_high=0.28", "eval.settings=[clean, rollout]",
+        "emulation.rollout=weights:mxfp4+relative:0.05@ops[linear]", "algorithm.epsilon_high=0.28", "eval.settings=[clean, rollout]",
         "data.eval=null", "run_dir=out/x=1",
     ])
     assert c.steps == 6 and isinstance(c.steps, int)
     assert c.aqn.sigma_start == 0.01 and isinstance(c.aqn.sigma_start, float)
     assert c.aqn.enabled is True
     assert c.lora.targets == ("q_proj", "v_proj")
-    assert c.emulation.weight_format == "mxfp4"
+    assert c.emulation.rollout == "weights:mxfp4+relative:0.05@ops[linear]"
     assert c.algorithm.epsilon_high == 0.28
     assert c.eval.settings == ("clean", "rollout")
     assert c.data.eval is None
@@ -60,9 +60,9 @@ def test_overrides_take_their_types_from_the_dataclass():
 
 def test_override_wins_over_yaml_and_null_clears_an_optional(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("steps: 6\nemulation:\n  weight_format: nvfp4\n")
-    c = TrainConfig.from_yaml(path, ["emulation.weight_format=null", "steps=2"])
-    assert c.emulation.weight_format is None and c.steps == 2
+    path.write_text("steps: 6\nemulation:\n  rollout: weights:nvfp4\n")
+    c = TrainConfig.from_yaml(path, ["emulation.rollout=null", "steps=2"])
+    assert c.emulation.rollout is None and c.steps == 2
 
 
 @pytest.mark.parametrize("override, message", [
@@ -82,7 +82,7 @@ def test_unknown_key_lists_close_matches_and_the_known_keys(tmp_path):
         TrainConfig.from_dict({"steps": 6}, ["aqn.sigma_strat=0.1"])
     text = str(info.value)
     assert "'aqn.sigma_strat'" in text and "did you mean 'aqn.sigma_start'" in text
-    assert "known keys:" in text and "lora.targets" in text and "emulation.weight_format" in text
+    assert "known keys:" in text and "lora.targets" in text and "emulation.rollout" in text
     path = tmp_path / "c.yaml"
     path.write_text("steps: 6\nlora:\n  rnk: 8\n")
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rnk'; did you mean 'lora.rank'"):
@@ -124,8 +124,11 @@ def test_defaults_with_steps_are_valid():
     ({"steps": None, "epochs": None}, "exactly one of steps and epochs"),
     ({"epochs": 2}, "exactly one of steps and epochs"),
     ({"aqn": {"enabled": True, "schedule": "epoch_aware"}}, "epoch_aware restarts each epoch, so it needs `epochs`"),
-    ({"aqn": {"enabled": True, "sigma_start": 0.001, "sigma_end": 0.01}}, "sigma_end (0.01) is above aqn.sigma_start"),
-    ({"aqn": {"enabled": True, "sigma_end": 0.0}}, "needs sigma_start and sigma_end > 0"),
+    ({"aqn": {"enabled": True, "sigma_start": 0.001, "sigma_end": 0.01}},
+     "aqn (staged schedule): sigma_start (0.001) is below sigma_end (0.01)"),
+    ({"aqn": {"enabled": True, "sigma_end": 0.0}}, "aqn (staged schedule): sigma_end must be > 0 for a geometric decay"),
+    ({"aqn": {"enabled": True, "stages": 1}}, "aqn (staged schedule): stages must be an integer >= 2"),
+    ({"aqn": {"enabled": True, "targets": ["layernorm"]}}, "aqn.targets: unknown targets ['layernorm']"),
     ({"aqn": {"enabled": True, "schedule": "cosine"}}, "aqn.schedule: unknown value 'cosine'; known: staged, epoch_aware, constant"),
     ({"emulation": {"weight_format": "mxfp4", "weight_phase": "warmup"}},
      "emulation.weight_phase: unknown value 'warmup'; known: rollout, training, both"),
@@ -136,13 +139,17 @@ def test_defaults_with_steps_are_valid():
     ({"data": {"train": "mnist"}}, "unknown data 'mnist'"),
     ({"aqn": {"enabled": True, "multipliers": "/nonexistent/sigma_multipliers.json"}},
      "cannot read AQN multipliers file '/nonexistent/sigma_multipliers.json'"),
-    ({"emulation": {"weight_format": "mxfp5"}}, "emulation.weight_format: unknown format 'mxfp5'"),
-    ({"emulation": {"noise": "relative"}}, "needs emulation.noise_scale > 0"),
-    ({"emulation": {"noise": "gaussian", "noise_scale": 0.05}}, "emulation.noise: unknown error model 'gaussian'"),
-    ({"emulation": {"noise": "relative", "noise_scale": 0.05, "noise_phase": "both"}},
-     "needs algorithm.gradient_checkpointing: false"),
-    ({"use_vllm": True, "emulation": {"noise": "relative", "noise_scale": 0.05}}, "vLLM's kernels bypass"),
-    ({"use_vllm": True, "emulation": {"input_format": "mxfp4"}}, "which vLLM's engine does not run"),
+    ({"emulation": {"rollout": "weights:mxfp5"}}, "emulation.rollout: unknown format 'mxfp5'"),
+    ({"emulation": {"training": "gaussian:0.05@ops"}}, "emulation.training: unknown part 'gaussian:0.05@ops'"),
+    ({"emulation": {"rollout": "relative:0.05@ops[linear,conv]"}}, "emulation.rollout: "),
+    ({"emulation": {"training": "relative:0.05@ops"}}, "needs algorithm.gradient_checkpointing: false"),
+    ({"use_vllm": True, "emulation": {"rollout": "relative:0.05@ops"}}, "vLLM's kernels bypass"),
+    ({"use_vllm": True, "emulation": {"rollout": "inputs:mxfp4"}}, "which vLLM's engine does not run"),
+    # The old field-by-field keys: still read (with a warning), still checked under their names.
+    ({"emulation": {"weight_format": "mxfp5"}}, "emulation.rollout (from emulation.weight_format): unknown format 'mxfp5'"),
+    ({"emulation": {"noise": "relative"}}, "emulation.noise: 'relative' needs emulation.noise_scale > 0"),
+    ({"emulation": {"noise": "relative", "noise_scale": 0.05, "noise_ops": []}},
+     "emulation.noise needs at least one emulation.noise_ops entry"),
     ({"use_vllm": True, "device": "cpu"}, "use_vllm needs a CUDA device"),
     ({"eval": {"settings": ["clean", "rollout"]}}, "no emulation applies in the rollout phase"),
     ({"model": "./no/such/model.gguf"}, "no such model file or directory"),
@@ -157,26 +164,91 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_training_phase_emulation_without_checkpointing_is_valid():
-    valid(emulation={"noise": "relative", "noise_scale": 0.05, "noise_phase": "both"},
+    valid(emulation={"rollout": "relative:0.05@ops", "training": "relative:0.05@ops"},
           algorithm={"gradient_checkpointing": False}).validate()
+    valid(emulation={"rollout": "clean", "training": "clean"}, eval={"settings": ["clean"]}).validate()
 
 
 def test_vllm_allows_weight_side_emulation_only():
     # Weight format and AQN reach vLLM through TRL's weight sync; this machine has no vLLM (or no
     # CUDA), so the only complaint left must be about that, never about the emulation.
-    c = valid(use_vllm=True, emulation={"weight_format": "mxfp4"}, aqn={"enabled": True})
+    c = valid(use_vllm=True, emulation={"rollout": "weights:mxfp4"}, aqn={"enabled": True})
     with pytest.raises(ConfigError) as info:
         c.validate()
     lines = str(info.value).splitlines()[1:]
     assert lines and all("vllm is not installed" in line or "CUDA" in line for line in lines), lines
 
 
-def test_phase_parts_split_the_emulation_by_phase():
-    c = valid(emulation={"weight_format": "mxfp4", "weight_phase": "both", "input_format": "nvfp4",
-                         "noise": "relative", "noise_scale": 0.05, "noise_phase": "training"})
-    assert c.phase_parts("rollout") == {"weight_format": "mxfp4", "input_format": "nvfp4"}
-    assert c.phase_parts("training") == {"weight_format": "mxfp4", "error": "relative:0.05",
-                                         "ops": ("linear", "matmul", "bmm")}
+def test_emulation_for_gives_each_phase_its_emulation():
+    from hwnoise.emulation import Emulation
+
+    c = valid(emulation={"rollout": "weights:mxfp4+inputs:nvfp4", "training": "weights:mxfp4+relative:0.05@ops"},
+              algorithm={"gradient_checkpointing": False})
+    assert c.emulation_for("rollout") == Emulation(weight_format="mxfp4", input_format="nvfp4")
+    assert c.emulation_for("training") == Emulation(weight_format="mxfp4", error="relative:0.05")
+    assert valid().emulation_for("rollout").is_clean
+    with pytest.raises(ValueError, match="unknown phase 'both'; known: rollout, training"):
+        c.emulation_for("both")
+
+
+def _old(data, *overrides):
+    with pytest.warns(DeprecationWarning, match="emulation.rollout / emulation.training"):
+        return TrainConfig.from_dict({"steps": 6, **data}, overrides)
+
+
+def test_old_emulation_keys_translate_to_the_per_phase_specs():
+    c = _old({"emulation": {"weight_format": "mxfp4", "weight_phase": "both", "input_format": "nvfp4",
+                            "noise": "relative", "noise_scale": 0.05, "noise_phase": "training"}})
+    assert (c.emulation.rollout, c.emulation.training) == ("weights:mxfp4+inputs:nvfp4", "weights:mxfp4+relative:0.05@ops")
+    # The Emulation the old phase_parts built: the same object, so the same run.
+    from hwnoise.emulation import Emulation
+
+    assert c.emulation_for("training") == Emulation(weight_format="mxfp4", error="relative:0.05",
+                                                    ops=("linear", "matmul", "bmm"), targets="linear", exclude=())
+    ops = _old({"emulation": {"noise": "absolute", "noise_scale": 1e-3, "noise_ops": ["all"]}})
+    assert ops.emulation.rollout == "absolute:0.001@ops[all]" and ops.emulation.training is None
+    sel = _old({}, "emulation.weight_format=nvfp4", "emulation.targets=layers.1-2", "emulation.exclude=*.down_proj")
+    assert sel.emulation.rollout == "weights:nvfp4+targets:layers.1-2+exclude:*.down_proj"
+    moved = _old({}, "emulation.weight_format=mxfp4", "emulation.weight_phase=training")
+    assert (moved.emulation.rollout, moved.emulation.training) == (None, "weights:mxfp4")  # not left in rollout
+    assert "weight_format" not in moved.to_yaml() and "training: weights:mxfp4" in moved.to_yaml()
+
+
+def test_old_and_new_keys_for_one_phase_are_refused_naming_both():
+    with pytest.raises(ConfigError, match=r"emulation.rollout and the old key\(s\) emulation.weight_format both set "
+                                          r"the rollout emulation.*'weights:mxfp4'"):
+        _old({"emulation": {"rollout": "weights:nvfp4", "weight_format": "mxfp4"}})
+    with pytest.raises(ConfigError, match=r"emulation.rollout and the old key\(s\) emulation.noise"):
+        _old({"emulation": {"noise": "relative", "noise_scale": 0.05}}, "emulation.rollout=weights:mxfp4")
+    # Different phases do not clash.
+    c = _old({"emulation": {"training": "weights:nvfp4", "weight_format": "mxfp4"}})
+    assert (c.emulation.rollout, c.emulation.training) == ("weights:mxfp4", "weights:nvfp4")
+
+
+def test_old_aqn_layer_types_key_and_attribute_warn_and_still_work():
+    with pytest.warns(DeprecationWarning, match="aqn.layer_types .* use aqn.targets"):
+        c = TrainConfig.from_dict({"steps": 6, "aqn": {"layer_types": ["rmsnorm", "linear"]}})
+    assert c.aqn.targets == ("rmsnorm", "linear")
+    with pytest.warns(DeprecationWarning, match="AQNConfig.layer_types"):
+        assert c.aqn.layer_types == ("rmsnorm", "linear")
+    from hwnoise.rl.config import AQNConfig
+
+    with pytest.warns(DeprecationWarning, match="layer_types="):
+        assert AQNConfig(layer_types=("linear",)).targets == ("linear",)
+    with pytest.raises(ConfigError, match="aqn.layer_types .old name. and aqn.targets both given"):
+        TrainConfig.from_dict({"aqn": {"targets": ["rmsnorm"], "layer_types": ["linear"]}})
+
+
+def test_old_module_names_warn_and_resolve():
+    import hwnoise.rl.config as config_module
+    import hwnoise.rl.run as run_module
+    from hwnoise.inject.phases import INJECTION_PHASES, PHASES
+
+    with pytest.warns(DeprecationWarning, match="INJECTION_PHASES"):
+        assert config_module.PHASES == INJECTION_PHASES
+    assert config_module._PHASES == PHASES and config_module._INJECTION_PHASES == INJECTION_PHASES
+    with pytest.warns(DeprecationWarning, match="TRAIN_RUN_FILE"):
+        assert run_module.RUN_FILE == run_module.TRAIN_RUN_FILE == "run.json"
 
 
 # -- refused before any model loads ---------------------------------------------------------------
@@ -259,8 +331,15 @@ def test_every_example_config_is_valid_and_listed_in_the_readme(monkeypatch):
     readme = (EXAMPLES / "README.md").read_text()
     from hwnoise.rl.run import check_model_structure
 
+    import warnings
+
+    from hwnoise.compat import HwnoiseDeprecationWarning
+
     for path in paths:
-        c = TrainConfig.from_yaml(path).validate()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", HwnoiseDeprecationWarning)  # the examples speak the current form
+            c = TrainConfig.from_yaml(path)
+        c.validate()
         check_model_structure(c)
         assert path.name in readme, f"{path.name} is not in examples/README.md"
 

@@ -131,7 +131,7 @@ def test_noise_and_emulation_only_during_generation(tokenizer, tmp_path, monkeyp
     monkeypatch.setattr(EvalCallback, "evaluate", evaluate)
     # Constant sigma: noisy from the first rollout on; lr 0: the clean weights never move.
     config = tiny_config(tmp_path, steps=2, aqn__enabled=True, aqn__schedule="constant", aqn__sigma_start=0.05,
-                         emulation__weight_format="mxfp4", algorithm__learning_rate=0.0,
+                         emulation__rollout="weights:mxfp4", algorithm__learning_rate=0.0,
                          eval__at_start=True, eval__settings=["clean", "rollout"])
     run_dir = train(config, model=model, tokenizer=tokenizer)
     recorder.remove()
@@ -155,7 +155,7 @@ def test_noise_and_emulation_only_during_generation(tokenizer, tmp_path, monkeyp
     assert [e["step"] for e in evals] == [0, 2]
     assert [s["spec"] for s in evals[-1]["report"]["settings"]] == ["clean", "weights:mxfp4"]
     assert (run_dir / "evals" / "step-000002" / "records.jsonl").is_file()  # per-problem, for paired reports
-    from hwnoise.report.runs import summarize_runs
+    from hwnoise.rl.runs import summarize_runs
 
     row = summarize_runs([run_dir])["runs"][0]  # `hwnoise report` reads what train wrote
     assert row["status"] == "finished" and row["steps"] == 2 and row["evals"] == 2
@@ -179,7 +179,7 @@ def test_weights_are_clean_after_a_crash_inside_a_rollout(tokenizer, tmp_path):
 
     handle = norm.register_forward_pre_hook(crash)
     config = tiny_config(tmp_path, aqn__enabled=True, aqn__schedule="constant", aqn__sigma_start=0.05,
-                         emulation__weight_format="nvfp4", algorithm__learning_rate=0.0)
+                         emulation__rollout="weights:nvfp4", algorithm__learning_rate=0.0)
     with pytest.raises(RuntimeError, match="injected crash"):
         train(config, model=model, tokenizer=tokenizer)
     handle.remove()
@@ -253,7 +253,7 @@ def test_lora_trains_only_the_adapters_under_mxfp4_rollouts_and_aqn(tokenizer, t
     before = snapshot(model)
     config = tiny_config(tmp_path, steps=2, finetune="lora", lora__rank=4, lora__targets=["q_proj", "v_proj"],
                          aqn__enabled=True, aqn__schedule="constant", aqn__sigma_start=0.05,
-                         emulation__weight_format="mxfp4", algorithm__learning_rate=1e-2)
+                         emulation__rollout="weights:mxfp4", algorithm__learning_rate=1e-2)
     holder = {}
     run_dir = train(config, model=model, tokenizer=tokenizer, reward_funcs=[varied_reward],
                     trainer_hook=lambda t: holder.update(trainer=t))
@@ -277,8 +277,8 @@ def test_training_phase_noise_reaches_the_loss_forward_and_its_backward(tokenize
     phases = []
     handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
         lambda module, args: phases.append(current_phase()))
-    config = tiny_config(tmp_path, steps=2, emulation__noise="relative", emulation__noise_scale=0.05,
-                         emulation__noise_phase="training", algorithm__gradient_checkpointing=False)
+    config = tiny_config(tmp_path, steps=2, emulation__training="relative:0.05@ops",
+                         algorithm__gradient_checkpointing=False)
     run_dir = train(config, model=model, tokenizer=tokenizer)
     handle.remove()
     assert {"rollout", "training"} <= set(phases)
@@ -302,8 +302,8 @@ def test_each_training_forward_of_a_step_draws_its_own_noise(tokenizer, tmp_path
         return original(self, model, seed=seed, step=step, grad=grad, substep=substep)
 
     monkeypatch.setattr(Emulation, "applied", spy)
-    config = tiny_config(tmp_path, steps=2, emulation__noise="relative", emulation__noise_scale=0.05,
-                         emulation__noise_phase="training", algorithm__gradient_checkpointing=False,
+    config = tiny_config(tmp_path, steps=2, emulation__training="relative:0.05@ops",
+                         algorithm__gradient_checkpointing=False,
                          algorithm__gradient_accumulation_steps=2)
     train(config, model=tiny_model(tokenizer), tokenizer=tokenizer)
     assert [s for s, _ in keys] == [0, 0, 1, 1]

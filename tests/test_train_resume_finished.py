@@ -13,7 +13,7 @@ import hwnoise.rl
 import hwnoise.rl.run
 from hwnoise.cli import app
 from hwnoise.rl import TrainConfig
-from hwnoise.rl.run import CONFIG_FILE, RUN_FILE
+from hwnoise.rl.run import CONFIG_FILE, TRAIN_RUN_FILE
 
 CONFIG = {
     "steps": 4, "seed": 0, "data": {"train": "arith:level=1", "n_train": 16, "n_eval": 2},
@@ -30,7 +30,7 @@ def _run_dir(tmp_path, global_step, max_steps=4):
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": global_step, "max_steps": max_steps}))
     (run_dir / CONFIG_FILE).write_text(config.to_yaml())
-    (run_dir / RUN_FILE).write_text(json.dumps({"status": "finished", "steps": global_step}))
+    (run_dir / TRAIN_RUN_FILE).write_text(json.dumps({"status": "finished", "steps": global_step}))
     return config, run_dir
 
 
@@ -87,7 +87,7 @@ def test_resume_latest_after_the_last_step_with_a_real_trainer(tmp_path):
     _, tokenizer = hwnoise.models.load("default")
     config = tiny_config(tmp_path, steps=2, logging__save_steps=2, eval__at_start=False)
     run_dir = hwnoise.rl.train(config, model=tiny_model(tokenizer), tokenizer=tokenizer)
-    assert json.loads((run_dir / RUN_FILE).read_text())["steps"] == 2
+    assert json.loads((run_dir / TRAIN_RUN_FILE).read_text())["steps"] == 2
     again = hwnoise.rl.train(config, model=tiny_model(tokenizer), tokenizer=tokenizer, resume="latest")
-    assert json.loads((again / RUN_FILE).read_text())["steps"] == 2  # not a third step
+    assert json.loads((again / TRAIN_RUN_FILE).read_text())["steps"] == 2  # not a third step
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]

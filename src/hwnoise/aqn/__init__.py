@@ -4,9 +4,10 @@
 master copy and restores them exactly; the schedules say how strong it is at each step.
 """
 
+from ..compat import module_aliases
 from . import schedules
 from .multipliers import LayerMultipliers
-from .noise import AQN, LINEAR_SIGMA_WARNING, NoiseStats
+from .noise import AQN, LINEAR_SIGMA_WARNING, NOISE_ROUNDING, NoiseStats
 from .schedules import Constant, EpochAwareDecay, Schedule, StagedDecay
 
 __all__ = [
@@ -15,8 +16,11 @@ __all__ = [
     "Constant",
     "EpochAwareDecay",
     "LayerMultipliers",
+    "NOISE_ROUNDING",
     "NoiseStats",
     "Schedule",
     "StagedDecay",
     "schedules",
 ]
+
+__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "NOISE_ROUNDING"})

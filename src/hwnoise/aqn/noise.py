@@ -20,14 +20,15 @@ from torch import nn
 
 from ..formats import quantize
 from ..select import LAYER_TYPES, decoder_layer_index, decoder_layer_indices, is_rmsnorm, parse_layers, select_modules
+from ..compat import module_aliases, renamed_kwargs, warn_renamed
 from .multipliers import LayerMultipliers
 from .schedules import Schedule
 
-__all__ = ["AQN", "LINEAR_SIGMA_WARNING", "ROUNDING_MODES", "NoiseStats"]
+__all__ = ["AQN", "LINEAR_SIGMA_WARNING", "NOISE_ROUNDING", "NoiseStats"]
 
 # The seeds found relative noise on linear weights destructive from here on (warned once).
 LINEAR_SIGMA_WARNING = 0.005
-ROUNDING_MODES = ("stochastic", "nearest")
+NOISE_ROUNDING = ("stochastic", "nearest")  # how the noisy master is cast (hwnoise.formats.ROUNDING_MODES: elements)
 # Casts with stochastic rounding, by the formats registry name of the target dtype.
 _STOCHASTIC_CASTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -71,7 +72,7 @@ class AQN:
     """Adaptive Quantization Noise (QeRL) on RMSNorm weights, optionally on linear weights.
 
     schedule: a ``Schedule`` (``StagedDecay``, ``EpochAwareDecay``, ``Constant``) giving sigma per step.
-    layer_types: "rmsnorm" (absolute noise on norm weights), "linear" (noise relative to ``|w|``
+    targets: "rmsnorm" (absolute noise on norm weights), "linear" (noise relative to ``|w|``
     on linear weights; lm_head, embeddings and LoRA adapters are excluded), or both.
     layers: decoder-layer indices (ints or "14-17"); exclude: extra name globs to leave alone.
     multipliers: ``{layer index: factor}``, a path to the scan's JSON export
@@ -91,10 +92,11 @@ class AQN:
     One AQN instance holds one model's clean copy at a time.
     """
 
+    @renamed_kwargs(layer_types="targets")
     def __init__(
         self,
         schedule: Schedule,
-        layer_types=("rmsnorm",),
+        targets=("rmsnorm",),
         layers=None,
         multipliers=None,
         exclude=None,
@@ -106,18 +108,18 @@ class AQN:
             raise ValueError(
                 f"schedule must be a Schedule (StagedDecay, EpochAwareDecay, Constant); got {schedule!r}"
             )
-        types = (layer_types,) if isinstance(layer_types, str) else tuple(layer_types)
+        types = (targets,) if isinstance(targets, str) else tuple(targets)
         unknown = [t for t in types if t not in LAYER_TYPES]
         if not types or unknown:
-            raise ValueError(f"unknown layer_types {unknown or types!r}; known: {', '.join(LAYER_TYPES)}")
+            raise ValueError(f"unknown targets {unknown or types!r}; known: {', '.join(LAYER_TYPES)}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}")
-        if rounding not in ROUNDING_MODES:
-            raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+        if rounding not in NOISE_ROUNDING:
+            raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(NOISE_ROUNDING)}")
         if isinstance(exclude, str):
             exclude = (exclude,)
         self.schedule = schedule
-        self.layer_types = tuple(dict.fromkeys(types))
+        self.targets = tuple(dict.fromkeys(types))
         self.layers = parse_layers(layers) if layers is not None else None
         self.multipliers = LayerMultipliers.coerce(multipliers)
         self.exclude = tuple(exclude) if exclude is not None else ()
@@ -132,7 +134,7 @@ class AQN:
 
     def __repr__(self) -> str:
         return (
-            f"AQN({self.schedule!r}, layer_types={self.layer_types!r}, layers={self.layers!r}, "
+            f"AQN({self.schedule!r}, targets={self.targets!r}, layers={self.layers!r}, "
             f"multipliers={self.multipliers!r}, exclude={self.exclude!r}, seed={self.seed}, "
             f"rounding={self.rounding!r})"
         )
@@ -163,7 +165,7 @@ class AQN:
     def _plan(self, model: nn.Module) -> dict[str, tuple[nn.Parameter, int | None, str, float]]:
         """``{parameter name: (parameter, layer index, layer type, multiplier)}`` for targeted weights."""
         self.multipliers.check_model(decoder_layer_indices(model))
-        modules = select_modules(model, self.layer_types, layers=self.layers, exclude=self.exclude or None)
+        modules = select_modules(model, self.targets, layers=self.layers, exclude=self.exclude or None)
         plan, seen = {}, set()
         for module_name, module in modules.items():
             weight = module._parameters.get("weight")
@@ -180,7 +182,7 @@ class AQN:
         if not plan:
             raise ValueError(
                 f"no selected weight lies in the targeted layers {sorted(self.multipliers.targeted or ())} "
-                f"({len(modules)} modules selected by layer_types={self.layer_types}, layers={self.layers})"
+                f"({len(modules)} modules selected by targets={self.targets}, layers={self.layers})"
             )
         return plan
 
@@ -325,3 +327,13 @@ class AQN:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _layer_types(self):
+    warn_renamed("AQN.layer_types", "AQN.targets")
+    return self.targets
+
+
+AQN.layer_types = property(_layer_types, doc="Deprecated name of ``targets``.")
+
+__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "NOISE_ROUNDING"})

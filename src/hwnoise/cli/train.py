@@ -15,7 +15,7 @@ from .common import _check_out, _fail, _quiet_third_party_logs, app, console, pr
 def train_command(
     config: Path = typer.Argument(None, help="YAML config (see examples/); every key is a TrainConfig field."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=6 aqn.sigma_start=0.02 "
-                                          "lora.targets=q_proj,v_proj emulation.weight_format=null."),
+                                          "lora.targets=q_proj,v_proj emulation.rollout=null."),
     resume: str = typer.Option(None, "--resume", help="Continue from a checkpoint directory, or 'latest' (the "
                                "newest checkpoint-N in run_dir): AQN schedule, data order, optimizer, RNG."),
     run_dir: Path = typer.Option(None, "--out", "-o", help="Run directory (overrides run_dir in the config)."),
@@ -92,7 +92,7 @@ def train_command(
             trainer.add_callback(Progress())
 
         try:
-            out = train(cfg, resume=resume, on_eval=on_eval, trainer_hook=hook)
+            out = train(cfg, resume=resume, on_eval=on_eval, trainer_hook=hook, progress=False)
         except ConfigError as exc:
             _fail(str(exc))
         except (FileNotFoundError, OSError, ValueError) as exc:  # model or data that cannot be read

@@ -1,10 +1,17 @@
 """``TrainConfig``: one dataclass for `hwnoise train`, every field with help text.
 
 Loaded from YAML (nested sections or dotted keys) with ``key=value`` overrides whose types come from
-the dataclass (``aqn.sigma_start=0.01``, ``lora.targets=q_proj,v_proj``, ``emulation.weight_format=null``).
-``validate()`` refuses unknown keys, impossible combinations, missing files and unknown formats
-before any model is loaded; what needs the model's structure (LoRA targets, multiplier layers) is
-checked against its config on the meta device (``check_model_structure``), still without weights.
+the dataclass (``aqn.sigma_start=0.01``, ``lora.targets=q_proj,v_proj``, ``emulation.rollout=null``).
+The emulated hardware is one emulation spec per phase (``emulation.rollout: "weights:mxfp4+relative:0.05@ops"``,
+the language of ``hwnoise.emulation.Emulation.parse``); ``emulation_for(phase)`` gives the ``Emulation``.
+The field-by-field form of earlier releases (``emulation.weight_format``, ``weight_phase``, ``noise``, ...)
+is still read, with a deprecation warning, and translated to the per-phase specs.
+
+``validate()`` builds the domain objects (each phase's ``Emulation``, the AQN schedule and selection,
+the layer multipliers) and reports their errors under the config key, plus the rules only a training
+configuration has (steps or epochs, batch divisibility, vLLM combinations, ...), all before any model
+is loaded; what needs the model's structure (LoRA targets, multiplier layers) is checked against its
+config on the meta device (``check_model_structure`` in ``rl.run``), still without weights.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from pathlib import Path
 
 import yaml
 
+from ..compat import module_aliases, renamed_kwargs, warn_renamed
+
 __all__ = [
     "AQN_SCHEDULES",
     "FINETUNE_MODES",
     "LOSS_TYPES",
-    "PHASES",
     "REWARD_MODES",
     "AQNConfig",
     "AlgorithmConfig",
@@ -41,7 +49,8 @@ __all__ = [
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 AQN_SCHEDULES = ("staged", "epoch_aware", "constant")
-PHASES = ("rollout", "training", "both")
+_PHASES = ("rollout", "training")  # hwnoise.inject.PHASES: the phases that each have an emulation spec
+_INJECTION_PHASES = _PHASES + ("both",)  # hwnoise.inject.INJECTION_PHASES (the old keys' *_phase values)
 REWARD_MODES = ("strict", "flexible")
 FINETUNE_MODES = ("full", "lora")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,27 +123,94 @@ class LoRAConfig:
 
 @dataclass
 class EmulationConfig:
-    weight_format: str | None = _field(None, "Weight format (W4A16-style): linear weights quantized, e.g. "
-                                       "'mxfp4', 'nvfp4', 'mxfp8'. null: none. Works with vLLM (the "
-                                       "quantized weights are what TRL syncs to the engine).")
-    weight_phase: str = _field("rollout", "When the weight format applies: 'rollout' (generation), "
-                               "'training' (the loss forward, straight-through gradients) or 'both'.",
-                               choices=PHASES)
-    input_format: str | None = _field(None, "Input format (W16A4-style): inputs of linear layers quantized. "
-                                      "Hooks on the training model: not with vLLM.")
-    input_phase: str = _field("rollout", "When the input format applies: rollout, training or both.",
-                              choices=PHASES)
-    noise: str | None = _field(None, "Operator noise error model ('relative', 'absolute', 'bias'); with "
-                               "noise_scale. Noisy linear/matmul/bmm ops, backward noisy too in training. "
-                               "Not with vLLM (its kernels are out of reach).")
-    noise_scale: float = _field(0.0, "Scale of the operator noise (e.g. 0.05 for 5 % relative).")
-    noise_ops: tuple[str, ...] = _field(("linear", "matmul", "bmm"), "Operators the noise reaches "
-                                        "('all' adds softmax, silu, gelu, layer_norm, rms_norm).")
-    noise_phase: str = _field("rollout", "When the operator noise applies: rollout, training or both.",
-                              choices=PHASES)
-    targets: str = _field("linear", "Modules the weight/input formats reach (hwnoise.select spec).")
-    exclude: tuple[str, ...] = _field((), "Module name globs left in full precision, beyond the default "
-                                      "excludes (lm_head, embeddings), which apply unless a target names them.")
+    rollout: str | None = _field(None, "Emulated hardware while generating the rollouts: an emulation spec, parts "
+                                 "joined by '+', e.g. 'weights:mxfp4' (W4A16-style weights), 'inputs:nvfp4' "
+                                 "(inputs of linear layers), 'relative:0.05@ops' (noisy linear/matmul/bmm ops; "
+                                 "'@ops[all]' adds softmax, norms, activations), 'targets:...' / 'exclude:...' "
+                                 "(the modules the formats reach; lm_head and embeddings are excluded unless "
+                                 "named). null or 'clean': none. With vLLM only 'weights:FMT' reaches the "
+                                 "engine (through TRL's weight sync).")
+    training: str | None = _field(None, "Emulated hardware in the loss forward (weight formats with "
+                                  "straight-through gradients, operator noise on the backward too): an "
+                                  "emulation spec as for `rollout`; null or 'clean': none. Needs "
+                                  "algorithm.gradient_checkpointing: false.")
+
+
+# The field-by-field emulation keys of earlier releases: name -> (type, default). Read with a warning
+# and translated to the per-phase specs (``_legacy_specs``).
+_LEGACY_EMULATION = {
+    "weight_format": (str | None, None),
+    "weight_phase": (str, "rollout"),
+    "input_format": (str | None, None),
+    "input_phase": (str, "rollout"),
+    "noise": (str | None, None),
+    "noise_scale": (float, 0.0),
+    "noise_ops": (tuple[str, ...], ("linear", "matmul", "bmm")),
+    "noise_phase": (str, "rollout"),
+    "targets": (str, "linear"),
+    "exclude": (tuple[str, ...], ()),
+}
+_NEW_EMULATION_FORM = "emulation.rollout / emulation.training (an emulation spec, e.g. 'weights:mxfp4+relative:0.05@ops')"
+
+
+def _spec_number(value: float) -> str:
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _legacy_specs(old: dict) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
+    """The old emulation keys as ``({phase: spec}, {phase: [old keys behind it]}, problems)``."""
+    values = {name: default for name, (_, default) in _LEGACY_EMULATION.items()}
+    values.update(old)
+    problems = []
+    for name in ("weight_phase", "input_phase", "noise_phase"):
+        if values[name] not in _INJECTION_PHASES:
+            problems.append(f"emulation.{name}: unknown value {values[name]!r}; known: {', '.join(_INJECTION_PHASES)}")
+    noise = values["noise"]
+    if noise is not None:
+        if not (math.isfinite(values["noise_scale"]) and values["noise_scale"] > 0):
+            problems.append(f"emulation.noise: {noise!r} needs emulation.noise_scale > 0; got {values['noise_scale']}")
+        if not values["noise_ops"]:
+            problems.append("emulation.noise needs at least one emulation.noise_ops entry")
+    specs, sources = {}, {}
+    for phase in _PHASES:
+        parts, keys = [], []
+
+        def active(what):
+            return values[what] is not None and values[f"{what.split('_')[0]}_phase"] in (phase, "both")
+
+        if active("weight_format"):
+            parts.append(f"weights:{values['weight_format']}")
+            keys += ["emulation.weight_format", "emulation.weight_phase"]
+        if active("input_format"):
+            parts.append(f"inputs:{values['input_format']}")
+            keys += ["emulation.input_format", "emulation.input_phase"]
+        selects = bool(parts)
+        if active("noise"):
+            ops = tuple(values["noise_ops"])
+            if set(ops) == {"linear", "matmul", "bmm"}:
+                op_list = ""
+            elif "all" in ops:
+                op_list = "[all]"
+            else:
+                op_list = f"[{','.join(ops)}]"
+            parts.append(f"{noise}:{_spec_number(values['noise_scale'])}@ops{op_list}")
+            keys += ["emulation.noise", "emulation.noise_scale", "emulation.noise_ops", "emulation.noise_phase"]
+        if selects and values["targets"] != "linear":
+            parts.append(f"targets:{values['targets']}")
+        if selects and values["exclude"]:
+            parts.append("exclude:" + ",".join(values["exclude"]))
+        if parts:
+            spec = "+".join(parts)
+            try:
+                from ..emulation import Emulation
+
+                spec = Emulation.parse(spec).spec  # the canonical spelling; a bad one is reported by validate
+            except ValueError:
+                pass
+            specs[phase] = spec
+            sources[phase] = [k for k in keys if k.rsplit(".", 1)[-1] in old]
+    return specs, sources, problems
 
 
 @dataclass
@@ -149,11 +225,27 @@ class AQNConfig:
     sigma_end: float = _field(5e-4, "Sigma of the last stage (> 0; <= sigma_start).")
     stages: int = _field(10, "Stages K of the staged decay (the first is a sigma-0 warm-up); per epoch "
                          "for epoch_aware.")
-    layer_types: tuple[str, ...] = _field(("rmsnorm",), "Weights that get noise: 'rmsnorm' (absolute), "
-                                          "'linear' (relative to |w|; destructive above ~0.005) or both.")
+    targets: tuple[str, ...] = _field(("rmsnorm",), "Weights that get noise: 'rmsnorm' (absolute), "
+                                      "'linear' (relative to |w|; destructive above ~0.005) or both.")
     multipliers: str | None = _field(None, "Per-layer multipliers JSON exported by `hwnoise scan` "
                                      "(sigma_multipliers.json); null: 1 everywhere.")
     seed: int | None = _field(None, "Seed of the noise draws (null: the run's seed).")
+
+
+def _aqn_layer_types(self):
+    warn_renamed("AQNConfig.layer_types", "AQNConfig.targets")
+    return self.targets
+
+
+def _set_aqn_layer_types(self, value):
+    warn_renamed("AQNConfig.layer_types", "AQNConfig.targets")
+    self.targets = value
+
+
+# AQN selects modules with ``targets`` like every other selection (names table); the old name works until 0.3.
+AQNConfig.__init__ = renamed_kwargs(layer_types="targets")(AQNConfig.__init__)
+AQNConfig.layer_types = property(_aqn_layer_types, _set_aqn_layer_types,
+                                 doc="Deprecated name of ``targets``.")
 
 
 @dataclass
@@ -256,17 +348,65 @@ class TrainConfig:
         return cls.from_dict(data, overrides, source=f"config file {str(path)!r}")
 
     def set(self, key: str, value, *, source: str = "config", raw: bool = False) -> None:
-        """Set one dotted key; ``raw``: ``value`` is command-line text, parsed by the field's type."""
+        """Set one dotted key; ``raw``: ``value`` is command-line text, parsed by the field's type.
+
+        The old keys (``aqn.layer_types``, ``emulation.weight_format`` and the other field-by-field
+        emulation keys) are accepted with a deprecation warning: ``aqn.layer_types`` sets
+        ``aqn.targets``; the emulation keys are translated to the per-phase specs they amount to.
+        """
+        given = self.__dict__.setdefault("_given", set())  # keys set so far (not a field: not compared)
+        if key == "aqn.layer_types":
+            warn_renamed(f"{key} ({source})", "aqn.targets", what="TrainConfig key")
+            if "aqn.targets" in given:
+                raise ConfigError(f"{source}: aqn.layer_types (old name) and aqn.targets both given; give only aqn.targets")
+            key = "aqn.targets"
+        elif key == "aqn.targets" and "aqn.layer_types" in given:
+            raise ConfigError(f"{source}: aqn.layer_types (old name) and aqn.targets both given; give only aqn.targets")
+        section, _, name = key.partition(".")
+        if section == "emulation" and name in _LEGACY_EMULATION:
+            warn_renamed(f"{key} ({source})", _NEW_EMULATION_FORM, what="TrainConfig key")
+            given.add(key)
+            legacy = self.__dict__.setdefault("_legacy_emulation", {})
+            legacy[name] = _coerce(value, _LEGACY_EMULATION[name][0], key, raw)
+            self._sync_legacy_emulation(source)
+            return
         leaves = _leaf_fields(type(self))
         if key not in leaves:
             raise ConfigError(_unknown_key_message(key, leaves, source))
         spec = leaves[key]
         coerced = _coerce(value, spec["type"], key, raw)
+        if section == "emulation" and name in _PHASES:
+            sources = self.__dict__.get("_legacy_sources", {})
+            if name in sources:
+                raise ConfigError(self._mixed_message(name, source))
+        given.add(key)
         target = self
         *sections, name = key.split(".")
         for section in sections:
             target = getattr(target, section)
         setattr(target, name, coerced)
+
+    def _mixed_message(self, phase: str, source: str) -> str:
+        old = ", ".join(self.__dict__["_legacy_sources"][phase])
+        return (f"{source}: emulation.{phase} and the old key(s) {old} both set the {phase} emulation; give only "
+                f"emulation.{phase} (the old keys amount to {self.emulation_specs_from_old_keys()[phase]!r})")
+
+    def emulation_specs_from_old_keys(self) -> dict[str, str]:
+        """``{phase: spec}`` the old field-by-field emulation keys given so far translate to."""
+        return _legacy_specs(self.__dict__.get("_legacy_emulation", {}))[0]
+
+    def _sync_legacy_emulation(self, source: str) -> None:
+        specs, sources, problems = _legacy_specs(self.__dict__["_legacy_emulation"])
+        given = self.__dict__.get("_given", set())
+        previous = self.__dict__.get("_legacy_sources", {})
+        self.__dict__["_legacy_sources"], self.__dict__["_legacy_problems"] = sources, problems
+        for phase in _PHASES:
+            if phase in specs:
+                if f"emulation.{phase}" in given:
+                    raise ConfigError(self._mixed_message(phase, source))
+                setattr(self.emulation, phase, specs[phase])
+            elif phase in previous:  # an old *_phase key moved the emulation to the other phase
+                setattr(self.emulation, phase, None)
 
     def to_dict(self) -> dict:
         """Nested plain data (tuples as lists): what hwnoise_config.yaml holds."""
@@ -292,18 +432,15 @@ class TrainConfig:
     def aqn_seed(self) -> int:
         return self.aqn.seed if self.aqn.seed is not None else self.seed
 
-    def phase_parts(self, phase: str) -> dict:
-        """The emulation that applies in ``phase`` ("rollout" or "training") as Emulation kwargs."""
-        e = self.emulation
-        parts = {}
-        if e.weight_format and e.weight_phase in (phase, "both"):
-            parts["weight_format"] = e.weight_format
-        if e.input_format and e.input_phase in (phase, "both"):
-            parts["input_format"] = e.input_format
-        if e.noise and e.noise_phase in (phase, "both"):
-            parts["error"] = f"{e.noise}:{e.noise_scale!r}"
-            parts["ops"] = tuple(e.noise_ops)
-        return parts
+    def emulation_for(self, phase: str):
+        """The ``hwnoise.emulation.Emulation`` of ``phase`` ("rollout" or "training"); clean when its
+        spec is null or 'clean'. A bad spec raises ValueError naming what is accepted."""
+        from ..emulation import Emulation
+
+        if phase not in _PHASES:
+            raise ValueError(f"unknown phase {phase!r}; known: {', '.join(_PHASES)}")
+        spec = getattr(self.emulation, phase)
+        return Emulation() if spec is None else Emulation.parse(spec)
 
     # -- validation --------------------------------------------------------------------------------
 
@@ -335,12 +472,12 @@ class TrainConfig:
                              ("algorithm.batch_size", 1), ("algorithm.gradient_accumulation_steps", 1),
                              ("algorithm.max_completion_length", 1), ("algorithm.num_iterations", 1),
                              ("eval.every", 0), ("eval.max_new_tokens", 1), ("eval.batch_size", 1),
-                             ("logging.logging_steps", 1), ("logging.save_steps", 0), ("aqn.stages", 2)):
+                             ("logging.logging_steps", 1), ("logging.save_steps", 0)):
             value = self._get(key)
             if value < minimum:
                 add(f"{key} must be >= {minimum}; got {value}")
         for key in ("algorithm.learning_rate", "algorithm.beta", "algorithm.temperature", "algorithm.epsilon",
-                    "emulation.noise_scale", "reward.format_bonus", "lora.dropout"):
+                    "reward.format_bonus", "lora.dropout"):
             value = self._get(key)
             if not math.isfinite(value) or value < 0:
                 add(f"{key} must be a finite number >= 0; got {value}")
@@ -372,64 +509,32 @@ class TrainConfig:
             if not self.lora.targets:
                 add("finetune: lora needs at least one lora.targets entry")
 
-        # Emulation.
-        e = self.emulation
-        from .. import formats
-
-        for key in ("emulation.weight_format", "emulation.input_format"):
-            value = self._get(key)
-            if value is not None:
-                try:
-                    if key == "emulation.weight_format":  # a format or a plan.json from `hwnoise scan --plan`
-                        from ..plans import check_weight_format
-
-                        check_weight_format(value)
-                    else:
-                        formats.get(value)
-                except ValueError as err:
-                    add(f"{key}: {err}")
-        if e.noise is not None:
-            from .. import errors
-
+        # Emulation: each phase's spec parsed by Emulation (formats, error models, ops, targets).
+        problems.extend(self.__dict__.get("_legacy_problems", ()))
+        emulation = {}
+        for phase in _PHASES:
             try:
-                errors.get(e.noise, e.noise_scale)
-            except (ValueError, TypeError) as err:
-                add(f"emulation.noise: {err}")
-            if e.noise_scale <= 0:
-                add(f"emulation.noise: {e.noise!r} needs emulation.noise_scale > 0; got {e.noise_scale}")
-            if not e.noise_ops:
-                add("emulation.noise needs at least one emulation.noise_ops entry")
-            else:
-                from ..inject import ALL_OPS
+                emulation[phase] = self.emulation_for(phase)
+            except ValueError as err:
+                old = self.__dict__.get("_legacy_sources", {}).get(phase)
+                add(f"emulation.{phase}" + (f" (from {', '.join(old)})" if old else "") + f": {err}")
 
-                known = tuple(ALL_OPS) + ("all",)
-                for op in e.noise_ops:
-                    if op not in known:
-                        add(f"emulation.noise_ops: unknown op {op!r}; known: {', '.join(known)}")
-
-        # AQN.
+        # AQN: the schedule, the selection and the multipliers check themselves.
         q = self.aqn
         if q.enabled:
-            for key in ("aqn.sigma_start", "aqn.sigma_end"):
-                value = self._get(key)
-                if not math.isfinite(value) or value < 0:
-                    add(f"{key} must be a finite number >= 0; got {value}")
-            if q.schedule != "constant":
-                if q.sigma_end <= 0 or q.sigma_start <= 0:
-                    add(f"aqn: a geometric decay needs sigma_start and sigma_end > 0 (got {q.sigma_start}, "
-                        f"{q.sigma_end}); for noise that ends near zero use e.g. 1e-6")
-                elif q.sigma_end > q.sigma_start:
-                    add(f"aqn.sigma_end ({q.sigma_end}) is above aqn.sigma_start ({q.sigma_start}); "
-                        "the schedule decays (were they swapped?)")
+            try:
+                schedule = aqn_schedule(q)
+            except ValueError as err:
+                add(f"aqn ({q.schedule} schedule): {err}")
+            else:
+                from ..aqn import AQN
+
+                try:
+                    AQN(schedule, targets=q.targets)
+                except ValueError as err:
+                    add(f"aqn.targets: {err}")
             if q.schedule == "epoch_aware" and self.epochs is None:
                 add("aqn.schedule: epoch_aware restarts each epoch, so it needs `epochs` (not `steps`)")
-            if not q.layer_types:
-                add("aqn.layer_types needs at least one of rmsnorm, linear")
-            from ..select import LAYER_TYPES
-
-            for t in q.layer_types:
-                if t not in LAYER_TYPES:
-                    add(f"aqn.layer_types: unknown {t!r}; known: {', '.join(LAYER_TYPES)}")
             if q.multipliers is not None:
                 from ..aqn import LayerMultipliers
 
@@ -437,25 +542,28 @@ class TrainConfig:
                     LayerMultipliers.from_json(q.multipliers)
                 except ValueError as err:
                     add(f"aqn.multipliers: {err}")
-        if self.phase_parts("training") and a.gradient_checkpointing:
+        training, rollout = emulation.get("training"), emulation.get("rollout")
+        if training is not None and not training.is_clean and a.gradient_checkpointing:
             add("emulation in the training phase needs algorithm.gradient_checkpointing: false (checkpointing "
                 "recomputes the forward during backward, outside the emulation, so the gradient would not "
                 "match the emulated forward)")
-        if self.eval.settings and "rollout" in self.eval.settings and not self.phase_parts("rollout"):
+        if self.eval.settings and "rollout" in self.eval.settings and rollout is not None and rollout.is_clean:
             add("eval.settings has 'rollout' but no emulation applies in the rollout phase "
-                "(set emulation.weight_format/input_format/noise with phase rollout or both)")
+                "(set emulation.rollout, e.g. emulation.rollout: weights:mxfp4)")
         if not self.eval.settings:
             add("eval.settings needs at least one of clean, rollout")
 
         # vLLM: only weight-side emulation reaches the engine (through TRL's weight sync).
         if self.use_vllm:
-            if e.input_format is not None:
-                add(f"use_vllm: the input format {e.input_format!r} works through hooks on the training "
-                    "model, which vLLM's engine does not run; use emulation.weight_format or use_vllm: false")
-            if e.noise is not None:
-                add(f"use_vllm: operator noise {e.noise!r} works by routing torch ops in this process, which "
-                    "vLLM's kernels bypass; use use_vllm: false (or AQN / a weight format, which vLLM receives "
-                    "through the weight sync)")
+            if rollout is not None and rollout.input_format is not None:
+                add(f"use_vllm: the input format {rollout.input_format!r} (emulation.rollout: {rollout.spec!r}) "
+                    "works through hooks on the training model, which vLLM's engine does not run; use "
+                    "weights:FMT only, or use_vllm: false")
+            if rollout is not None and rollout.error is not None:
+                where = "operator noise" if rollout.where == "ops" else f"a module-level error (@{rollout.where})"
+                add(f"use_vllm: {where} {rollout.error!r} (emulation.rollout: {rollout.spec!r}) works by routing "
+                    "torch ops or hooks in this process, which vLLM's kernels bypass; use use_vllm: false (or "
+                    "AQN / a weight format, which vLLM receives through the weight sync)")
             if self.device == "cpu":
                 add("use_vllm needs a CUDA device (device: cpu)")
             else:
@@ -496,7 +604,17 @@ class TrainConfig:
 
         if problems:
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
+        self.__dict__["_validated"] = self.state_key()
         return self
+
+    def state_key(self) -> str:
+        """Every setting in one string: equal for configs that would run the same."""
+        return repr(self.to_dict())
+
+    @property
+    def is_validated(self) -> bool:
+        """True when ``validate`` passed and no setting changed since."""
+        return self.__dict__.get("_validated") == self.state_key()
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -513,6 +631,21 @@ class TrainConfig:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def aqn_schedule(q: AQNConfig):
+    """The ``hwnoise.aqn`` schedule object of an ``AQNConfig`` (its bounds are checked there)."""
+    from ..aqn import Constant, EpochAwareDecay, StagedDecay
+
+    if q.schedule == "constant":
+        return Constant(q.sigma_start)
+    if q.schedule == "epoch_aware":
+        return EpochAwareDecay(q.sigma_start, q.sigma_end, stages_per_epoch=q.stages)
+    return StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
+
+
+# rl.config.PHASES was the old keys' *_phase values: hwnoise.inject.INJECTION_PHASES.
+__getattr__ = module_aliases(__name__, {"PHASES": "hwnoise.inject.phases:INJECTION_PHASES"})
 
 
 def _leaf_fields(cls, prefix: str = "") -> dict[str, dict]:

@@ -13,13 +13,15 @@ import json
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from ..compat import module_aliases
+from .config import ConfigError, TrainConfig, aqn_schedule
 
-__all__ = ["CONFIG_FILE", "RUN_FILE", "build_trainer", "check_model_structure", "finished_at", "latest_checkpoint",
+__all__ = ["CONFIG_FILE", "TRAIN_RUN_FILE", "build_trainer", "check_model_structure", "finished_at", "latest_checkpoint",
            "preflight", "train"]
 
 CONFIG_FILE = "hwnoise_config.yaml"
-RUN_FILE = "run.json"
+TRAIN_RUN_FILE = "run.json"
+__getattr__ = module_aliases(__name__, {"RUN_FILE": "TRAIN_RUN_FILE"})
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -69,32 +71,36 @@ def check_model_structure(config: TrainConfig, model=None) -> None:
         raise ConfigError("invalid training configuration for this model:\n  - " + "\n  - ".join(problems))
 
 
+def _ensure_valid(config: TrainConfig) -> None:
+    """Validate unless this very config (same settings) already passed ``validate``."""
+    if not config.is_validated:
+        config.validate()
+
+
+def _ensure_structure(config: TrainConfig, model=None) -> None:
+    """``check_model_structure`` once per config state and model (the meta-device build is not free)."""
+    key = (config.state_key(), id(model))
+    if config.__dict__.get("_structure_checked") == key:
+        return
+    check_model_structure(config, model)
+    config.__dict__["_structure_checked"] = key
+
+
 # -- pieces --------------------------------------------------------------------------------------
 
 
 def _aqn(config: TrainConfig):
     if not config.aqn.enabled:
         return None
-    from ..aqn import AQN, Constant, EpochAwareDecay, StagedDecay
+    from ..aqn import AQN
 
     q = config.aqn
-    if q.schedule == "constant":
-        schedule = Constant(q.sigma_start)
-    elif q.schedule == "epoch_aware":
-        schedule = EpochAwareDecay(q.sigma_start, q.sigma_end, stages_per_epoch=q.stages)
-    else:
-        schedule = StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
-    return AQN(schedule, layer_types=q.layer_types, multipliers=q.multipliers, seed=config.aqn_seed)
+    return AQN(aqn_schedule(q), targets=q.targets, multipliers=q.multipliers, seed=config.aqn_seed)
 
 
 def _emulation(config: TrainConfig, phase: str):
-    from ..emulation import Emulation
-
-    parts = config.phase_parts(phase)
-    if not parts:
-        return None
-    e = config.emulation
-    return Emulation(**parts, targets=e.targets, exclude=tuple(e.exclude))
+    emulation = config.emulation_for(phase)
+    return None if emulation.is_clean else emulation
 
 
 def _problems(config: TrainConfig):
@@ -127,7 +133,7 @@ def _dataset(problems, tokenizer):
     ])
 
 
-def _grpo_config(config: TrainConfig, device: str, **extra):
+def _grpo_config(config: TrainConfig, device: str, *, progress: bool = True, **extra):
     from trl import GRPOConfig
 
     a, log = config.algorithm, config.logging
@@ -144,6 +150,8 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
     checkpointing = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in
                      dataclasses.fields(GRPOConfig)} else "gradient_checkpointing")
     extra.setdefault(checkpointing, a.gradient_checkpointing)
+    if not progress:  # the caller shows its own progress (the CLI); else TRL's / transformers' default
+        extra.setdefault("disable_tqdm", True)
     return GRPOConfig(
         output_dir=str(config.run_dir),
         per_device_train_batch_size=a.batch_size,
@@ -172,7 +180,6 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
         use_vllm=config.use_vllm,
         vllm_mode=config.vllm_mode,
         vllm_importance_sampling_correction=config.vllm_importance_sampling_correction,
-        disable_tqdm=True,
         **extra,
     )
 
@@ -180,23 +187,25 @@ def _grpo_config(config: TrainConfig, device: str, **extra):
 def _apply_lora(config: TrainConfig, model):
     from peft import LoraConfig, get_peft_model
 
-    check_model_structure(config, model)
+    _ensure_structure(config, model)
     lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=list(config.lora.targets), task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
 def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_funcs=(), callbacks=(),
-                  on_eval=None, grpo_args=None):
+                  on_eval=None, grpo_args=None, progress: bool = True):
     """A ``HwnoiseGRPOTrainer`` for ``config`` (validated here, before anything loads).
 
     model / tokenizer: use these instead of loading ``config.model`` (tests pass tiny models).
     reward_funcs: extra TRL reward functions after hwnoise's correctness reward. callbacks: extra
     TrainerCallbacks. on_eval(step, EvalReport): called after each periodic evaluation.
     grpo_args: extra ``trl.GRPOConfig`` fields the TrainConfig does not cover (e.g. generation_kwargs).
+    progress: False turns the Trainer's tqdm bar off (the CLI draws its own); nothing global is changed.
+    A config that already passed ``validate`` (unchanged since) is not validated again.
     """
-    config.validate()
-    check_model_structure(config, model)
+    _ensure_valid(config)
+    _ensure_structure(config, model)
     device = config.resolved_device()
     if config.threads is not None:
         import torch
@@ -223,7 +232,7 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     trainer = HwnoiseGRPOTrainer(
         model=model,
         reward_funcs=[correctness_reward(config.reward.mode, config.reward.format_bonus), *reward_funcs],
-        args=_grpo_config(config, device, **(grpo_args or {})),
+        args=_grpo_config(config, device, progress=progress, **(grpo_args or {})),
         train_dataset=_dataset(train_problems, tokenizer),
         processing_class=tokenizer,
         callbacks=list(callbacks),
@@ -299,11 +308,11 @@ def _resolve_resume(resume, run_dir) -> str | None:
 def preflight(config: TrainConfig, resume=None, model=None) -> str | None:
     """Every check that needs no weights: the config, the checkpoint to resume (returned; None for a
     fresh run) and its config, LoRA targets and multiplier layers against the model's structure."""
-    config.validate()
+    _ensure_valid(config)
     checkpoint = _resolve_resume(resume, Path(config.run_dir))
     if checkpoint is not None:
         _check_resume_config(config, Path(config.run_dir))
-    check_model_structure(config, model)
+    _ensure_structure(config, model)
     return checkpoint
 
 
@@ -327,14 +336,15 @@ def _check_resume_config(config: TrainConfig, run_dir: Path) -> None:
 
 
 def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, reward_funcs=(), callbacks=(),
-          on_eval=None, trainer_hook=None) -> Path:
+          on_eval=None, trainer_hook=None, progress: bool = True) -> Path:
     """Train; return the run directory. ``resume``: a checkpoint directory or "latest".
 
     Writes hwnoise_config.yaml (the resolved config) before training and run.json after, also when
     training raises (status "failed", then the exception propagates). trainer_hook(trainer) is
     called once the trainer is built (the CLI attaches its progress display there). Resuming from a
     checkpoint that already reached the run's last step (see ``finished_at``) trains nothing and
-    leaves every file as it is: the run directory is returned at once.
+    leaves every file as it is: the run directory is returned at once. progress: False turns the
+    Trainer's own tqdm bar off (``hwnoise train`` draws its own); no global setting is touched.
     """
     from ..report import atomic_write_json, atomic_write_text
     from .callbacks import read_evals
@@ -345,7 +355,7 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
         return run_dir  # the Trainer would run one step past max_steps
     t0 = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, reward_funcs=reward_funcs, callbacks=callbacks,
-                            on_eval=on_eval)
+                            on_eval=on_eval, progress=progress)
     atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
     if trainer_hook is not None:
         trainer_hook(trainer)
@@ -361,7 +371,7 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
         if aqn is not None and aqn.applied:  # the rollout context restores; this is the last guard
             aqn.restore(trainer.accelerator.unwrap_model(trainer.model))
         if trainer.is_world_process_zero():
-            atomic_write_json(run_dir / RUN_FILE, {
+            atomic_write_json(run_dir / TRAIN_RUN_FILE, {
                 "config": config.to_dict(),
                 "status": status,
                 "error": error,
