@@ -41,7 +41,7 @@ def _config(run_dir: str, aqn: bool, weight_format: str | None, steps: int):
         "algorithm": {"num_generations": COMPLETIONS, "batch_size": COMPLETIONS,
                       "max_completion_length": MAX_TOKENS, "learning_rate": 1e-6},
         "aqn": {"enabled": aqn, "schedule": "constant", "sigma_start": 1e-2},
-        "emulation": {"weight_format": weight_format},
+        "emulation": {"rollout": f"weights:{weight_format}" if weight_format else None},
         "eval": {"max_new_tokens": 1, "batch_size": 1},
         "logging": {"report_to": ["none"], "save_steps": 0},
     }).validate()
