@@ -55,6 +55,35 @@ def test_prepare_fills_the_extension_points():
     assert env.VERL_USE_EXTERNAL_MODULES == PLUGIN_MODULE and env.HWNOISE_ERROR == "relative:0.05"
 
 
+def test_emulation_specs_carry_ops_and_excludes():
+    """What the per-field keys say, the spec strings say too (one language); both at once is refused."""
+    s = validate(verl_config(with_override("+trainer.hwnoise.emulation='relative:0.05@ops[linear,matmul]'")))
+    assert s.operator_noise.ops == ("linear", "matmul") and s.env_vars()["HWNOISE_OPS"] == "linear,matmul"
+    keyed = validate(verl_config(with_override("+trainer.hwnoise.ops=[linear,matmul]")))
+    assert keyed.operator_noise == s.operator_noise
+    with pytest.raises(ConfigError, match="give the ops once"):
+        validate(verl_config(with_override("+trainer.hwnoise.emulation='relative:0.05@ops[linear]'")
+                             + ["+trainer.hwnoise.ops=[matmul]"]))
+    s = validate(verl_config(with_override(f"{R}.emulation='weights:nvfp4+exclude:*.down_proj'")))
+    assert s.weight_format == "nvfp4" and s.weight_exclude == ("lm_head", "embed_tokens", "*.down_proj")
+    assert validate(verl_config(GRID)).weight_exclude == ("lm_head", "embed_tokens")
+    with pytest.raises(ConfigError, match="give the excludes once"):
+        validate(verl_config(with_override(f"{R}.emulation='weights:nvfp4+exclude:*.down_proj'")
+                             + [f"{R}.exclude=[lm_head]"]))
+
+
+def test_old_aqn_layer_types_key_warns_and_means_targets():
+    from hwnoise.compat import HwnoiseDeprecationWarning
+
+    new = validate(verl_config(with_override(f"{R}.aqn.targets=[rmsnorm]")))
+    with pytest.warns(HwnoiseDeprecationWarning, match=r"aqn\.layer_types.*aqn\.targets"):
+        old = validate(verl_config(with_override(f"{R}.aqn.layer_types=[rmsnorm]")))
+    assert old == new and old.aqn.targets == ("rmsnorm",)
+    assert old.state(1, 10, 5, True)["targets"] == ["rmsnorm"]
+    with pytest.raises(ConfigError, match="give only"):
+        validate(verl_config(with_override(f"{R}.aqn.targets=[rmsnorm]") + [f"{R}.aqn.layer_types=[rmsnorm]"]))
+
+
 def test_no_hwnoise_keys_change_nothing():
     config = verl_config([])
     assert not validate(config).active
@@ -83,13 +112,16 @@ def test_misspelled_key_is_named_with_a_suggestion(override, names):
     ("actor_rollout_ref.rollout.enforce_eager=False", "actor_rollout_ref.rollout.enforce_eager=False"),
     ("actor_rollout_ref.rollout.name=sglang", "actor_rollout_ref.rollout.name=sglang"),
     ("trainer.use_v1=False", "trainer.use_v1=False"),
+    (f"{R}.aqn.targets=[rmsnorm,linear]", "aqn.targets"),
     (f"{R}.aqn.layer_types=[rmsnorm,linear]", "aqn.layer_types"),
+    (f"{R}.emulation='weights:nvfp4+targets:*.q_proj'", "exclude:G1,G2"),
     (f"{R}.aqn.sigma_end=0.0", "aqn"),
     (f"{R}.aqn.stages=one", "aqn.stages"),
     (f"{R}.emulation=weights:mxfp5", "hwnoise.emulation='weights:mxfp5'"),
     (f"{R}.emulation=relative:0.05@ops", "trainer.hwnoise.emulation"),
     ("+trainer.hwnoise.emulation=weights:mxfp4", "trainer.hwnoise.emulation='weights:mxfp4'"),
     ("+trainer.hwnoise.ops=[linear,conv]", "trainer.hwnoise.ops"),
+    ("+trainer.hwnoise.emulation='relative:0.05@ops[conv]'", "trainer.hwnoise.emulation='relative:0.05@ops[conv]'"),
     (f"{R}.aqn.multipliers=/nonexistent/sigma_multipliers.json", "aqn.multipliers"),
     ("+actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls=my.Ext", "worker_extension_cls=my.Ext"),
 ])

@@ -4,17 +4,22 @@ verl accepts new keys only under ``trainer.*`` and ``actor_rollout_ref.rollout.c
 dict that reaches the rollout workers' ``RolloutConfig``), each given with Hydra's ``+``:
 
     +actor_rollout_ref.rollout.custom.hwnoise.emulation=weights:mxfp4     W4A16 of the weight stream
-    +actor_rollout_ref.rollout.custom.hwnoise.exclude=[lm_head,embed_tokens]
+    +actor_rollout_ref.rollout.custom.hwnoise.emulation=weights:mxfp4+exclude:*.down_proj  (adds to the
+                                                                           default lm_head, embed_tokens)
+    +actor_rollout_ref.rollout.custom.hwnoise.exclude=[lm_head,embed_tokens]   (replaces that default)
     +actor_rollout_ref.rollout.custom.hwnoise.aqn.enabled=true            AQN on the engine's norms
     +actor_rollout_ref.rollout.custom.hwnoise.aqn.schedule=epoch_aware    (and every other key of
     +actor_rollout_ref.rollout.custom.hwnoise.aqn.sigma_start=0.01         ``hwnoise train``'s aqn
     ...                                                                    section: same names)
     +trainer.hwnoise.emulation=relative:0.05@ops       operator noise in every worker process
+    +trainer.hwnoise.emulation=relative:0.05@ops[linear,matmul]   (the ops in the spec, or:)
     +trainer.hwnoise.ops=[linear,matmul,bmm]
     +trainer.hwnoise.seed=0
 
-Values speak the project's language: emulation specs are ``hwnoise.Emulation.parse`` strings,
-formats ``hwnoise.formats`` names, schedules ``hwnoise.aqn.schedules``. ``validate(config)``
+Values speak the project's language: emulation specs are ``hwnoise.emulation.Emulation.parse``
+strings (the op list and the excludes may ride in the spec), formats ``hwnoise.formats`` names,
+schedules ``hwnoise.aqn.schedules``, module selection ``aqn.targets`` (old name ``aqn.layer_types``,
+accepted with a deprecation warning). ``validate(config)``
 returns ``VerlSettings`` or raises ``ConfigError`` naming the key (with close matches for a
 misspelling) and what is accepted; ``prepare(config)`` also fills in the extension points
 (trainer mode, vLLM worker extension, plugin and HWNOISE_* variables in Ray's runtime_env).
@@ -32,13 +37,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ...aqn import Constant, EpochAwareDecay, LayerMultipliers, Schedule, StagedDecay
+from ...compat import warn_renamed
 from ...emulation import Emulation
 from ...inject.env import ENV_VARS
+from ...inject.ops import DEFAULT_OPS, resolve_ops
 from ...rl.config import AQN_SCHEDULES, AQNConfig
 
 __all__ = [
     "ASYNC_TRAINER_MODES", "ConfigError", "DELTA_BACKENDS", "KEYS", "PLUGIN_MODULE", "ROLLOUT_PREFIX",
-    "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
+    "RENAMED_KEYS", "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
 ]
 
 ROLLOUT_PREFIX = "actor_rollout_ref.rollout.custom.hwnoise"
@@ -55,14 +62,19 @@ _ENV_PATH = "ray_kwargs.ray_init.runtime_env.env_vars"
 _EXT_PATH = "actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls"
 
 _AQN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(AQNConfig)}
+# Old key names -> new ones (accepted with a deprecation warning until hwnoise 0.3; names table).
+RENAMED_KEYS = {f"{ROLLOUT_PREFIX}.aqn.layer_types": f"{ROLLOUT_PREFIX}.aqn.targets"}
 KEYS: dict[str, str] = {
-    f"{ROLLOUT_PREFIX}.emulation": "Rollout emulation spec (hwnoise.Emulation): 'clean' or 'weights:FMT' "
-                                  "(W4A16: every linear weight the rollout engine receives is quantized to FMT).",
-    f"{ROLLOUT_PREFIX}.exclude": "Weight names (substrings or globs) the weight-stream format leaves alone.",
+    f"{ROLLOUT_PREFIX}.emulation": "Rollout emulation spec (hwnoise.emulation.Emulation): 'clean' or 'weights:FMT' "
+                                  "(W4A16: every linear weight the rollout engine receives is quantized to FMT), "
+                                  "optionally '+exclude:G1,G2' (weight names left alone, besides lm_head and embed_tokens).",
+    f"{ROLLOUT_PREFIX}.exclude": "Weight names (substrings or globs) the weight-stream format leaves alone "
+                                "(replaces the default [lm_head,embed_tokens]).",
     **{f"{ROLLOUT_PREFIX}.aqn.{name}": text for name, text in _AQN_HELP.items()},
     f"{TRAINER_PREFIX}.emulation": "Operator noise in every verl process (actor forward and backward, log-probs, "
                                    "vLLM workers with enforce_eager): an error spec such as 'relative:0.05@ops'.",
-    f"{TRAINER_PREFIX}.ops": "Operators the noise reaches (hwnoise.noisy_ops names, or 'all').",
+    f"{TRAINER_PREFIX}.ops": "Operators the noise reaches (hwnoise.noisy_ops names, or 'all'); or in the spec: "
+                             "'relative:0.05@ops[linear,matmul]'.",
     f"{TRAINER_PREFIX}.seed": "Seed of the operator noise and (unless aqn.seed) of the AQN draws.",
 }
 
@@ -104,6 +116,20 @@ def _leaves(data, prefix: str):
             yield from _leaves(value, full)
         else:
             yield full, value
+
+
+def _renamed(values: dict) -> dict:
+    """``values`` with old key names replaced by the new ones (warning); both given is an error."""
+    out = {}
+    for key, value in values.items():
+        new = RENAMED_KEYS.get(key)
+        if new is not None:
+            if new in values:
+                raise ConfigError(f"{key} (old name) and {new} are both set; give only +{new}")
+            warn_renamed(f"+{key}", f"+{new}", what="verl key", stacklevel=4)
+            key = new
+        out[key] = value
+    return out
 
 
 def _unknown(key: str) -> ConfigError:
@@ -191,7 +217,7 @@ class VerlSettings:
             "sigma": float(self.sigma_at(global_steps, total_steps, steps_per_epoch)),
             "seed": int(self.aqn_seed),
             "active": bool(active),
-            "layer_types": list(self.aqn.layer_types) if self.aqn else ["rmsnorm"],
+            "targets": list(self.aqn.targets) if self.aqn else ["rmsnorm"],
             "multipliers": _multipliers_json(self.multipliers),
         }
 
@@ -235,7 +261,15 @@ def _rollout_part(values: dict) -> dict:
         if emulation.aqn_sigma:
             raise ConfigError(f"{key}={spec!r}: AQN on the rollout engine is set by {ROLLOUT_PREFIX}.aqn.* "
                               f"(enabled, schedule=constant, sigma_start={emulation.aqn_sigma:g}, ...)")
+        if emulation.weight_format is not None and emulation.targets != "linear":
+            raise ConfigError(f"{key}={spec!r}: the weight stream quantizes every linear weight (targets:linear); "
+                              "leave weights out with '+exclude:G1,G2' instead of targets:...")
         out["weight_format"] = emulation.weight_format
+        if emulation.exclude:
+            if f"{ROLLOUT_PREFIX}.exclude" in values:
+                raise ConfigError(f"{key}={spec!r} has exclude:... and {ROLLOUT_PREFIX}.exclude is set too; "
+                                  "give the excludes once")
+            out["weight_exclude"] = tuple(dict.fromkeys(DEFAULT_STREAM_EXCLUDE + emulation.exclude))
     key = f"{ROLLOUT_PREFIX}.exclude"
     if key in values:
         exclude = values[key]
@@ -251,8 +285,9 @@ def _rollout_part(values: dict) -> dict:
             return out
         if q.schedule not in AQN_SCHEDULES:
             raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.schedule={q.schedule!r}: accepted: {', '.join(AQN_SCHEDULES)}")
-        if tuple(q.layer_types) != ("rmsnorm",):
-            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.layer_types={list(q.layer_types)}: only [rmsnorm] on the vLLM "
+        if tuple(q.targets) != ("rmsnorm",):
+            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.targets={list(q.targets)} (old name aqn.layer_types): "
+                              "only [rmsnorm] on the vLLM "
                               "engine (vLLM fuses and shards linear weights, e.g. qkv_proj, so per-weight noise "
                               "of the trained model does not map onto them)")
         out["aqn"] = q
@@ -287,11 +322,12 @@ def _trainer_part(values: dict) -> dict:
             raise ConfigError(f"{key}={spec!r}: only @ops (operator level) reaches verl's workers; got @{emulation.where}")
         if emulation.error is not None:
             if ops_key in values:
-                ops = values[ops_key]
-                ops = ops if ops == "all" or not isinstance(ops, str) else ops.split(",")
+                if emulation.ops != DEFAULT_OPS:
+                    raise ConfigError(f"{key}={spec!r} names its ops and {ops_key} is set too; give the ops once "
+                                      f"(e.g. +{key}={emulation.error}@ops[linear,matmul])")
                 try:
-                    emulation = dataclasses.replace(emulation, ops=ops)
-                except ValueError as err:
+                    emulation = dataclasses.replace(emulation, ops=resolve_ops(values[ops_key]))
+                except (ValueError, TypeError) as err:
                     raise ConfigError(f"{ops_key}={values[ops_key]!r}: {err}") from None
             out["operator_noise"] = emulation
     elif ops_key in values:
@@ -305,6 +341,7 @@ def _values(config) -> dict:
         node = _select(config, prefix)
         if node is not None:
             values.update(_leaves(_plain(node), prefix))
+    values = _renamed(values)
     for key in values:
         if key not in KEYS:
             raise _unknown(key)
@@ -322,7 +359,7 @@ def rollout_settings(custom) -> VerlSettings:
     node = (_plain(custom) or {}).get("hwnoise") if custom is not None else None
     if node is None:
         return VerlSettings()
-    values = dict(_leaves(node, ROLLOUT_PREFIX))
+    values = _renamed(dict(_leaves(node, ROLLOUT_PREFIX)))
     for key in values:
         if key not in KEYS:
             raise _unknown(key)
