@@ -140,3 +140,37 @@ def test_each_key_gets_its_own_code_object():
     body = lambda x: x  # noqa: E731
     a, b = compiled.own_code(body, 1), compiled.own_code(body, 2)
     assert a.__code__ is not b.__code__ and a(3) == b(3) == 3
+
+
+def test_one_caches_compiler_failure_leaves_another_cache_compiling():
+    # The fallback is per CompileCache and key: no process-wide "compile broken" switch.
+    broken_cache, other = compiled.CompileCache("broken"), compiled.CompileCache("other")
+    real = torch.compile
+    compiled_calls = []
+
+    def fake_compile(fn, **kw):
+        def run(*args):
+            if fn.__name__.startswith("fails"):
+                raise torch._dynamo.exc.Unsupported("no graph for you")
+            compiled_calls.append(fn.__name__)
+            return fn(*args)
+        return run
+
+    def fails(x):
+        return x + 1
+
+    def works(x):
+        return x + 2
+
+    try:
+        torch.compile = fake_compile
+        with pytest.warns(RuntimeWarning, match="torch.compile failed for broken"):
+            broken_cache.run("k", fails, torch.zeros(2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: no second warning, in this cache or the other
+            broken_cache.run("k", fails, torch.zeros(2))
+            assert other.run("k", works, torch.zeros(2)).tolist() == [2.0, 2.0]
+    finally:
+        torch.compile = real
+    assert broken_cache.eager_keys == {"k"} and not other.eager_keys
+    assert compiled_calls and compiled_calls[0].startswith("works")  # the other cache ran its compiled function

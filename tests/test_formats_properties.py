@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import hwnoise
-from hwnoise.formats import ELEMENTS, get, names
+from hwnoise.formats import ELEMENTS, decode, encode, get, names
 
 # --------------------------------------------------------------------------------------------
 # Parametrization: every registered name (aliases included); hif4 is skipped if it cannot load.
@@ -269,7 +269,7 @@ def test_decode_encode_equals_quantize(name, data):
     xt = torch.from_numpy(x)
     fmt = get(name)
     y = hwnoise.quantize(xt, name, rounding=rounding, seed=seed)
-    back = fmt.decode(fmt.encode(xt, rounding=rounding, seed=seed))
+    back = decode(encode(xt, fmt, rounding=rounding, seed=seed))
     assert_bit_equal(back, y, "decode(encode(x)) vs quantize(x)")
 
 
@@ -290,7 +290,7 @@ def test_mx_matches_reference(name, data):
     xt = torch.from_numpy(x)
     y = hwnoise.quantize(xt, name, scale_mode=scale_mode, rounding=rounding)
     assert_bit_equal(y, torch.from_numpy(y_ref), f"{name} {scale_mode} {rounding}")
-    enc = get(name).encode(xt, scale_mode=scale_mode, rounding=rounding)
+    enc = encode(xt, name, scale_mode=scale_mode, rounding=rounding)
     np.testing.assert_array_equal(enc.scales.numpy().astype(np.int64), (s_ref + 127).reshape(-1))
 
 
@@ -308,7 +308,7 @@ def test_mx_outputs_on_grid_and_bracket_input(name, data):
     fmt = get(name)
     xt = torch.from_numpy(x)
     y = hwnoise.quantize(xt, name, scale_mode=scale_mode, rounding=rounding, seed=seed).numpy().astype(np.float64)
-    enc = fmt.encode(xt, scale_mode=scale_mode, rounding=rounding, seed=seed)
+    enc = encode(xt, fmt, scale_mode=scale_mode, rounding=rounding, seed=seed)
     s_block = enc.scales.numpy().astype(np.float64).reshape(block_reduce_max(np.abs(x), fmt.block).shape) - 127
     s = expand_blocks(s_block, fmt.block, x.shape)
     grid = grid_np(fmt.element.name)
@@ -334,7 +334,7 @@ def test_nvfp4_matches_reference(x, rounding):
     y = hwnoise.quantize(xt, "nvfp4", rounding=rounding)
     y_ref, bs_ref = nvfp4_reference(x, rounding)
     assert_bit_equal(y, torch.from_numpy(y_ref), f"nvfp4 {rounding}")
-    enc = get("nvfp4").encode(xt, rounding=rounding)
+    enc = encode(xt, "nvfp4", rounding=rounding)
     np.testing.assert_array_equal(enc.scales.float().numpy(), bs_ref.reshape(-1))
 
 
@@ -420,7 +420,7 @@ def test_on_grid_and_bounded_by_next_grid_point(name, data):
         return
     xt = torch.from_numpy(x)
     y = np.abs(hwnoise.quantize(xt, name, rounding=rounding, seed=seed).numpy().astype(np.float64))
-    g, ids, tol = _block_grid(name, fmt.encode(xt, rounding=rounding, seed=seed), x)
+    g, ids, tol = _block_grid(name, encode(xt, fmt, rounding=rounding, seed=seed), x)
     on_grid = (y[..., None] == g[ids]).any(-1)
     assert on_grid.all(), (y[~on_grid][:5], g[ids][~on_grid][:1])
     a = np.abs(x.astype(np.float64))
@@ -521,8 +521,8 @@ def test_per_tensor_idempotence(name, data):
     x = _avoid_known_bugs(name, x)
     if rounding != "toward_zero":
         y = _quantize_np(x, name, rounding=rounding)
-        c1 = get(name).encode(torch.from_numpy(x), rounding=rounding).codes
-        c2 = get(name).encode(y, rounding=rounding).codes
+        c1 = encode(torch.from_numpy(x), name, rounding=rounding).codes
+        c2 = encode(y, name, rounding=rounding).codes
         assert torch.equal(c1, c2)
 
 
@@ -577,7 +577,7 @@ def test_hif4_idempotence_power_of_two_scales(x, ks, rounding):
     for i, g in enumerate(groups):
         groups[i] = _planted_amax(g[None, :], 7.0 * 2.0 ** ks[i])[0]
     y = _quantize_np(x, "hif4", rounding=rounding)
-    assert (get("hif4").encode(torch.from_numpy(x), rounding=rounding).extra["scale_e6m2"] & 3 == 0).all()
+    assert (encode(torch.from_numpy(x), "hif4", rounding=rounding).extra["scale_e6m2"] & 3 == 0).all()
     assert_bit_equal(hwnoise.quantize(y, "hif4", rounding=rounding), y, "hif4")
 
 
@@ -764,7 +764,7 @@ def test_mxint8_has_no_negative_zero():
     x[0], x[1], x[2] = -1.0, -0.001, -0.0  # block amax 1 -> s = 0; -0.001 * 64 rounds to 0
     y = hwnoise.quantize(x, "mxint8")
     assert not torch.signbit(y[1]) and not torch.signbit(y[2]) and y[0].item() == -1.0
-    assert_bit_equal(get("mxint8").decode(get("mxint8").encode(x)), y, "mxint8 round trip")
+    assert_bit_equal(decode(encode(x, "mxint8")), y, "mxint8 round trip")
 
 
 @pytest.mark.parametrize("name, x, expected", [

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .compat import renamed_kwargs
 from .formats.fake_quant import options_for, saturated
 
 FORMAT_OPTIONS = ("scale_mode", "rounding", "block", "axis", "flavor")
@@ -76,7 +77,8 @@ def error_summary(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
     }
 
 
-def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, fmt=None, **format_options) -> float:
+@renamed_kwargs(fmt="format")
+def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, format=None, **format_options) -> float:  # noqa: A002
     """Share of the entries of x that lie beyond the largest magnitude their block can represent
     (they were clipped). With a format, the block limits come from the format; without one,
     the ratio counts entries with |x| > max |x_hat| (clipped against the tensor's top value)."""
@@ -84,9 +86,9 @@ def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, fmt=None, **format_op
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if x.numel() == 0:
         return 0.0
-    if fmt is None:
+    if format is None:
         return int((x.detach().abs() > x_hat.detach().abs().max()).sum()) / x.numel()
     unknown = sorted(set(format_options) - set(FORMAT_OPTIONS))
     if unknown:
         raise TypeError(f"unknown format option(s) {', '.join(unknown)}; accepted: {', '.join(FORMAT_OPTIONS)}")
-    return int(saturated(x, options_for(x, fmt, **format_options)).sum()) / x.numel()
+    return int(saturated(x, options_for(x, format, **format_options)).sum()) / x.numel()

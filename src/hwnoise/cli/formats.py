@@ -60,10 +60,11 @@ def formats_command(
     with progress_bar() as progress:
         task = progress.add_task("quantizing", total=len(names) * len(weights))
 
-        def step(fmt_name, layer):
+        def on_progress(label, done, total):
+            fmt_name, _, layer = label.partition(" ")
             progress.update(task, advance=1, description=f"{fmt_name:<11} {layer}")
 
-        result = survey_formats(weights, names, on_step=step)
+        result = survey_formats(weights, names, on_progress=on_progress)
 
     table = Table(title=f"Linear weights of {model} under each format")
     for col in ("format", "bits/value", "SQNR dB (all)", "SQNR dB (layer mean)", "SQNR dB (worst layer)",

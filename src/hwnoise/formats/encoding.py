@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import torch
 
+from ..compat import renamed_kwargs
 from . import kernels
 from .blocks import BlockLayout, from_blocks, to_blocks
 from .elements import ElementFormat, floor_log2, pow2
@@ -99,11 +100,12 @@ def _lookup(codes: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
     return decode_table(elem).to(codes.device)[codes.long()]
 
 
-def encode(x: torch.Tensor, fmt, *, scale_mode=None, rounding=None, block=None, axis=None, seed=None,
+@renamed_kwargs(fmt="format")
+def encode(x: torch.Tensor, format, *, scale_mode=None, rounding=None, block=None, axis=None, seed=None,  # noqa: A002
            flavor=None) -> Encoded:
-    """Quantize `x` into storage form (see the module docstring for the layout)."""
+    """Quantize `x` to `format` into storage form (see the module docstring for the layout)."""
     _check_tensor(x)
-    o = _options(x, fmt, scale_mode, rounding, block, axis, flavor)
+    o = _options(x, format, scale_mode, rounding, block, axis, flavor)
     f = o.fmt
     uniform = _uniform_like(x, seed) if o.rounding == "stochastic" else None
     x32 = x.detach().to(torch.float32)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import renamed_kwargs
 from . import kernels
 from .blocks import from_blocks, normalize_axes, to_blocks
 from .compiled import CompileCache, worth_compiling
@@ -41,15 +42,22 @@ def _check_tensor(x) -> None:
         raise TypeError(f"quantize expects a float32, bfloat16 or float16 tensor, got {x.dtype}")
 
 
-def options_for(x: torch.Tensor, fmt, *, scale_mode=None, rounding=None, block=None, axis=None,
+@renamed_kwargs(fmt="format")
+def options_for(x: torch.Tensor, format, *, scale_mode=None, rounding=None, block=None, axis=None,  # noqa: A002
                 flavor=None) -> Options:
-    """The resolved, validated options that `quantize(x, fmt, ...)` would use (hashable)."""
-    return _options(x, fmt, scale_mode, rounding, block, axis, flavor)
+    """The resolved, validated options that `quantize(x, format, ...)` would use (hashable).
+
+    A FormatSpec with its options already applied (``get(spec)``, ``spec.with_options(...)``) is
+    used as it is: resolve a format once, then call this (or `quantize`) per tensor without going
+    back to the registry."""
+    return _options(x, format, scale_mode, rounding, block, axis, flavor)
 
 
 def _options(x, fmt, scale_mode, rounding, block, axis, flavor) -> Options:
-    fmt = get(fmt)
-    fmt = fmt.with_options(scale_mode=scale_mode, rounding=rounding, block=block, flavor=flavor)
+    if not isinstance(fmt, FormatSpec):
+        fmt = get(fmt)
+    if any(v is not None for v in (scale_mode, rounding, block, flavor)):
+        fmt = fmt.with_options(scale_mode=scale_mode, rounding=rounding, block=block, flavor=flavor)
     axes = None
     if fmt.block is not None:
         axes = normalize_axes(axis, x.ndim, len(fmt.block))
@@ -201,9 +209,10 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None, None
 
 
+@renamed_kwargs(fmt="format")
 def quantize(
     x: torch.Tensor,
-    fmt="mxfp4",
+    format="mxfp4",  # noqa: A002 - the one name for a number format in the public API
     *,
     scale_mode: str | None = None,
     rounding: str | None = None,
@@ -214,9 +223,9 @@ def quantize(
     ste: str = "identity",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fake-quantize `x` to `fmt`: same shape, dtype and device, values on the format's grid.
+    """Fake-quantize `x` to `format`: same shape, dtype and device, values on the format's grid.
 
-    fmt: a registered name or spec string (see `hwnoise.formats.names()`), or a FormatSpec.
+    format: a registered name or spec string (see `hwnoise.formats.names()`), or a FormatSpec.
     scale_mode: MX scale rule, "floor" (OCP default), "ceil", "even" or "rceil".
     rounding: "rne", "half_away", "toward_zero" or "stochastic" (default: the format's own).
     block: block size, or a 2-D tile such as (32, 32). axis: the block axis (a pair for tiles;
@@ -228,7 +237,7 @@ def quantize(
     _check_tensor(x)
     if ste not in STE_MODES:
         raise ValueError(f"unknown ste {ste!r}; known: {', '.join(STE_MODES)}")
-    o = _options(x, fmt, scale_mode, rounding, block, axis, flavor)
+    o = _options(x, format, scale_mode, rounding, block, axis, flavor)
     uniform = _uniform_like(x, seed) if o.rounding == "stochastic" else None
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:

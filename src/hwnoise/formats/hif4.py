@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import module_aliases
 from .elements import round_stochastic
 
 GROUP_SIZE = 64
@@ -66,7 +67,7 @@ F32_MANT_BITS = 23
 F32_BIAS = 127
 BF16_MANT_BITS = 7
 
-ROUNDING_MODES = ("half_away", "rne", "toward_zero", "stochastic")
+HIF4_ROUNDING_MODES = ("half_away", "rne", "toward_zero", "stochastic")
 
 
 def _pow2(e: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def _round_quarters(v: torch.Tensor, rounding: str, uniform: torch.Tensor | None
         if uniform is None:
             raise ValueError("stochastic rounding needs `uniform` (U[0,1) draws of x's shape)")
         return round_stochastic(v, uniform)  # floor(v + u) evaluated exactly, as for every format
-    raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+    raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(HIF4_ROUNDING_MODES)}")
 
 
 def _check(x: torch.Tensor) -> None:
@@ -118,8 +119,8 @@ def encode_groups(x: torch.Tensor, rounding: str = "half_away", uniform=None) ->
 
     Only the element rounding follows `rounding`; the scales are always chosen as defined."""
     _check(x)
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+    if rounding not in HIF4_ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(HIF4_ROUNDING_MODES)}")
     if rounding == "stochastic" and (uniform is None or uniform.shape != x.shape):
         raise ValueError("stochastic rounding needs `uniform` with x's shape")
     lead = x.shape[:-1]
@@ -197,3 +198,6 @@ def quantize_groups(x: torch.Tensor, rounding: str = "half_away", uniform: torch
     "stochastic", `uniform` holds U[0,1) draws of x's shape and an element becomes floor(v + u).
     A group holding NaN or Inf dequantizes to all-NaN; an all-zero group to zeros."""
     return decode_groups(encode_groups(x, rounding, uniform))
+
+
+__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "HIF4_ROUNDING_MODES"})

@@ -45,23 +45,14 @@ class FormatSpec:
         return float(self.element.bits)
 
     def with_options(self, **options) -> "FormatSpec":
-        """A copy with validated default options (scale_mode, rounding, block, flavor)."""
-        return replace(self, **resolve_options(self, **options))
+        """A copy with validated default options (scale_mode, rounding, block, flavor); ``self`` when
+        none is given."""
+        changed = resolve_options(self, **options)
+        return replace(self, **changed) if changed else self
 
-    def quantize(self, x, **options):
-        from .fake_quant import quantize
-
-        return quantize(x, self, **options)
-
-    def encode(self, x, **options):
-        from .encoding import encode
-
-        return encode(x, self, **options)
-
-    def decode(self, encoded):
-        from .encoding import decode
-
-        return decode(encoded)
+    # quantize / encode / decode are functions of the modules above this one
+    # (hwnoise.formats.quantize(x, format), encode(x, format), decode(encoded)); the old methods of the
+    # same names are kept for one release by hwnoise/formats/__init__.py, with a deprecation warning.
 
 
 def resolve_options(fmt: FormatSpec, scale_mode=None, rounding=None, block=None, flavor=None) -> dict:

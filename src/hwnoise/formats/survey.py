@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .. import metrics
+from ..progress import ProgressCallback, progress_reporter
 from .fake_quant import quantize
 from .registry import get
 
@@ -23,19 +24,25 @@ def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def survey_formats(
     weights: dict[str, torch.Tensor],
     formats: Iterable[str] = DEFAULT_SURVEY,
+    on_progress: ProgressCallback | None = None,
+    *,
     on_step: Callable[[str, str], None] | None = None,
 ) -> dict:
     """Quantize every weight with every format. Per format: SQNR over all weights together, the
     mean and minimum of per-layer SQNR, MSE, mean relative error, deadzone and saturation ratios
-    (element-weighted over all weights), bits per value, and the per-layer rows."""
+    (element-weighted over all weights), bits per value, and the per-layer rows.
+
+    on_progress(label, done, total) is called after each weight: label "<format> <weight name>",
+    done of total weights of that format (``on_step(format, name)`` is the deprecated form)."""
     if not weights:
         raise ValueError("no weights to survey: the model has no nn.Linear modules")
     specs = [get(f) for f in formats]  # fail on a bad name before any work
+    report = progress_reporter(on_progress, on_step, what="survey_formats")
     out = {}
     for fmt in specs:
         layers, signal, noise, count = {}, 0.0, 0.0, 0
         sums = {"mse": 0.0, "relative_error": 0.0, "deadzone_ratio": 0.0, "saturation_ratio": 0.0}
-        for name, w in weights.items():
+        for done, (name, w) in enumerate(weights.items(), 1):
             x = w.detach().float()
             y = quantize(x, fmt)
             row = metrics.error_summary(x, y)
@@ -47,8 +54,7 @@ def survey_formats(
             count += x.numel()
             for k in sums:
                 sums[k] += row[k] * x.numel()
-            if on_step:
-                on_step(fmt.name, name)
+            report(fmt.name, name, done, len(weights))
         finite = [r["sqnr_db"] for r in layers.values() if math.isfinite(r["sqnr_db"])]
         out[fmt.name] = {
             "bits_per_value": fmt.bits_per_value,
