@@ -35,7 +35,7 @@ TARGET_S = 60.0
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--format", default="mxfp4")
-    ap.add_argument("--mode", default="weight", choices=("weight", "input"))
+    ap.add_argument("--where", default="weight", choices=("weight", "input"))
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     ap.add_argument("--repeats", type=int, default=2, help="scans in this process (the first compiles)")
@@ -52,7 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load("default")
     console.print(f"model loaded in {time.perf_counter() - t0:.1f} s; torch threads: {torch.get_num_threads()}")
-    table = Table(title=f"hwnoise.scan of the bundled model: {args.format}, {args.mode} mode, "
+    table = Table(title=f"hwnoise.scan of the bundled model: {args.format}, where={args.where}, "
                         f"{args.samples} texts x <= {args.max_length} tokens")
     for col in ("run", "modules", "total s", "s / module", "clean pass s", "metrics s", "metrics s / module",
                 "end-to-end s", "end-to-end s / module", f"< {TARGET_S:.0f} s"):
@@ -60,7 +60,7 @@ def main() -> None:
     runs = []
     for run in range(0 if args.plan else args.repeats):  # with --plan: only the with/without table
         t = time.perf_counter()
-        report = hn.scan(model, tokenizer, format=args.format, mode=args.mode, samples=args.samples,
+        report = hn.scan(model, tokenizer, format=args.format, where=args.where, samples=args.samples,
                          max_length=args.max_length)
         wall = time.perf_counter() - t
         n, s = len(report.rows), report.seconds
@@ -76,11 +76,11 @@ def main() -> None:
             plan_table.add_column(col, justify="right")
         for run in range(args.repeats):
             t = time.perf_counter()
-            plain = hn.scan(model, tokenizer, format=args.format, mode=args.mode, samples=args.samples,
+            plain = hn.scan(model, tokenizer, format=args.format, where=args.where, samples=args.samples,
                             max_length=args.max_length)
             t_plain = time.perf_counter() - t
             t = time.perf_counter()
-            planned = hn.scan(model, tokenizer, format=args.format, mode=args.mode, samples=args.samples,
+            planned = hn.scan(model, tokenizer, format=args.format, where=args.where, samples=args.samples,
                               max_length=args.max_length, plan=args.plan)
             t_plan = time.perf_counter() - t
             s = planned.seconds

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hwnoise.eval import (
+    EVAL_RUN_FILE,
     RECORDS_FILE,
-    RUN_FILE,
     EvalReport,
     build_prompts,
     core,
@@ -201,7 +201,7 @@ def test_resume_after_a_kill_is_exact_and_skips_finished_batches(model, tok, tmp
     # a kill in the middle of a line: that batch is recomputed, only the missing records appended
     torn = tmp_path / "torn"
     torn.mkdir()
-    (torn / RUN_FILE).write_bytes((full / RUN_FILE).read_bytes())
+    (torn / EVAL_RUN_FILE).write_bytes((full / EVAL_RUN_FILE).read_bytes())
     data = (full / RECORDS_FILE).read_bytes()
     lines = data.splitlines(keepends=True)
     keep = b"".join(lines[:13]) + lines[13][: len(lines[13]) // 2]  # clean, 4 of relative's 8, and half a line
@@ -223,7 +223,7 @@ def test_a_different_run_is_refused_and_overwrite_starts_afresh(model, tok, tmp_
     with pytest.raises(ValueError, match="problems_sha256"):
         evaluate(model, tok, problems(4)[::-1], SETTINGS[:1], batch_size=2, max_new_tokens=3, seed=0, out=tmp_path)
     evaluate(model, tok, problems(4), SETTINGS[:1], batch_size=2, max_new_tokens=3, seed=1, out=tmp_path, overwrite=True)
-    assert json.loads((tmp_path / RUN_FILE).read_text())["seed"] == 1
+    assert json.loads((tmp_path / EVAL_RUN_FILE).read_text())["seed"] == 1
     assert len(read_records(tmp_path / RECORDS_FILE)) == 8
 
 
@@ -292,7 +292,7 @@ def test_report_json_table_and_files(model, tok, tmp_path):
 
 
 def test_png_handles_formats_and_noise_families(model, tok, tmp_path):
-    from hwnoise.report.eval_views import render_png
+    from hwnoise.eval.views import render_png
 
     report = evaluate(model, tok, problems(2), ["relative:0.1@ops", "relative:0.3@ops", "weights:nvfp4", "aqn:0.01"],
                       batch_size=2, max_new_tokens=2)

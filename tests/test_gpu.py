@@ -321,7 +321,7 @@ def test_scan_inject_and_aqn_on_a_model_spread_over_cpu_and_cuda():
     for a, b in zip(spread.rows, plain.rows, strict=True):
         assert a.name == b.name and a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-5)
         assert a.loss_increase == pytest.approx(b.loss_increase, abs=1e-3)
-    inputs = hn.scan(net, tok, texts=texts, format="mxfp4", mode="input")
+    inputs = hn.scan(net, tok, texts=texts, format="mxfp4", where="input")
     assert len(inputs.rows) == len(spread.rows)
     ids = _batch("cpu")
     with torch.no_grad():

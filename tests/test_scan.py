@@ -99,7 +99,7 @@ def test_weight_rows_match_direct_computation(model, tok, fmt):
 
 
 def test_input_rows_match_direct_computation(model, tok):
-    report = hn.scan(model, tok, format="mxfp4", mode="input", end_to_end=False)
+    report = hn.scan(model, tok, format="mxfp4", where="input", end_to_end=False)
     batch = tokenize(tok, calibration_texts(None), DEFAULT_MAX_LENGTH)
     captured, handles = {}, []
     for name, module in model.named_modules():
@@ -168,7 +168,7 @@ def test_ranking_top_module_raises_loss_more_than_bottom(tok):
 
 
 def test_input_mode_end_to_end_equals_a_plain_hook(model, tok):
-    report = hn.scan(model, tok, format="nvfp4", mode="input", targets="*.mlp.down_proj")
+    report = hn.scan(model, tok, format="nvfp4", where="input", targets="*.mlp.down_proj")
     batch = tokenize(tok, calibration_texts(None), DEFAULT_MAX_LENGTH)
     modules = dict(model.named_modules())
     from contextlib import contextmanager
@@ -370,7 +370,7 @@ def test_save_writes_every_file_and_a_self_contained_page(report, tmp_path):
 
 
 def test_interrupted_save_leaves_no_half_written_directory(report, tmp_path, monkeypatch):
-    import hwnoise.report.scan_views as views
+    from hwnoise.scan import views
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

@@ -49,7 +49,7 @@ def test_scan_writes_all_files_and_prints_table_and_recommendation(tiny, tmp_pat
 def test_scan_texts_file_samples_and_input_mode(tiny, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"calibration text number {i} with some words" for i in range(6)))
-    result = runner.invoke(app, ["scan", "tiny", "--mode", "input", "--texts", str(texts), "--samples", "3",
+    result = runner.invoke(app, ["scan", "tiny", "--where", "input", "--texts", str(texts), "--samples", "3",
                                  "--no-end-to-end", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "o" / "scan.json").read_text())
@@ -59,7 +59,7 @@ def test_scan_texts_file_samples_and_input_mode(tiny, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--format", "mxfp5"], ["mxfp5", "mxfp4"]),
-    (["--mode", "output"], ["output", "weight"]),
+    (["--where", "output"], ["output", "weight"]),
     (["--thresholds", "sqnr_db=-3"], ["sqnr_db", "out of range"]),
     (["--thresholds", "deadzone_ratio=7"], ["deadzone_ratio", "[0, 1]"]),
     (["--thresholds", "sqnr=20"], ["unknown threshold"]),
@@ -120,7 +120,7 @@ def test_interrupted_write_keeps_the_previous_scan_whole(tiny, tmp_path, monkeyp
     out = tmp_path / "o"
     assert runner.invoke(app, ["scan", "tiny", "--no-end-to-end", "--out", str(out)]).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import hwnoise.report.scan_views as views
+    from hwnoise.scan import views
 
     def fail(*args, **kwargs):
         raise KeyboardInterrupt

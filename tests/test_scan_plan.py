@@ -222,8 +222,8 @@ def test_bad_plan_inputs_are_clear_errors(fragile, tmp_path):
         hn.scan(model, tok, TEXTS, plan=True, target_kl=0.1, budget_bits=5)
     with pytest.raises(ValueError, match="not more than the scan's format"):
         hn.scan(model, tok, TEXTS, format="mxfp8_e4m3", plan="mxfp4")
-    with pytest.raises(ValueError, match="mode='weight'"):
-        hn.scan(model, tok, TEXTS, mode="input", plan=True)
+    with pytest.raises(ValueError, match="where='weight'"):
+        hn.scan(model, tok, TEXTS, where="input", plan=True)
     with pytest.raises(ValueError, match="unknown format 'mxfp5'"):
         hn.scan(model, tok, TEXTS, plan="mxfp5")
     path = tmp_path / "plan.json"
@@ -264,7 +264,7 @@ def test_cli_scan_plan_writes_plan_json_and_prints_the_pareto_table(fragile, tmp
     (["--target-kl", "0.1"], "give --plan too"),
     (["--plan", "bf16", "--target-kl", "0.1", "--budget-bits", "5"], "one plan target"),
     (["--plan", "mxfp5"], "unknown format 'mxfp5'"),
-    (["--plan", "bf16", "--mode", "input"], "--mode weight"),
+    (["--plan", "bf16", "--where", "input"], "--where weight"),
 ])
 def test_cli_bad_plan_options_exit_2_before_any_work(args, words, tmp_path, monkeypatch):
     import hwnoise.models

@@ -76,15 +76,15 @@ def eval_command(
 ) -> None:
     """Evaluate MODEL clean and under each noise level or format: accuracy with 95 % intervals, paired tests."""
     from ..data import load_problems
-    from ..eval import METRICS, evaluate
-    from ..eval.core import RECORDS_FILE, RUN_FILE
+    from ..eval import ANSWER_METRICS, evaluate
+    from ..eval.core import EVAL_RUN_FILE, RECORDS_FILE
 
-    OUTPUT_FILES = ("eval.json", "eval.png", RECORDS_FILE, RUN_FILE)
+    OUTPUT_FILES = ("eval.json", "eval.png", RECORDS_FILE, EVAL_RUN_FILE)
 
     try:
         specs = settings_from_options(noise, where, error, formats, aqn, setting)
-        if metric not in METRICS:
-            raise ValueError(f"unknown --metric {metric!r}; known: {', '.join(METRICS)}")
+        if metric not in ANSWER_METRICS:
+            raise ValueError(f"unknown --metric {metric!r}; known: {', '.join(ANSWER_METRICS)}")
         for name, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1; got {value}")

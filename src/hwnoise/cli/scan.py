@@ -31,7 +31,8 @@ def _parse_thresholds(text: str | None) -> dict | None:
 def scan_command(
     model: str = typer.Argument("default", help="Model: 'default' (bundled SmolLM2-135M), an HF directory, a .gguf file or a hub id."),
     fmt: str = typer.Option("mxfp4", "--format", "-f", help="Number format or spec string (mxfp4, nvfp4, mxfp8, 'mxfp4:rceil'). See `hwnoise formats --list`."),
-    mode: str = typer.Option("weight", "--mode", "-m", help="'weight': quantize each module's weights (W4A16-style); 'input': its input activations (W16A4-style)."),
+    where: str = typer.Option("weight", "--where", "-w", help="'weight': quantize each module's weights (W4A16-style); 'input': its input activations (W16A4-style)."),
+    mode: str = typer.Option(None, "--mode", "-m", hidden=True, help="Deprecated: use --where (removed in 0.3)."),
     out: Path = typer.Option(Path("hwnoise-out/scan"), "--out", "-o", help="Output directory: scan.json, scan.html, sigma_multipliers.json, PNG plots (written atomically)."),
     faults: bool = typer.Option(False, "--faults", help="Also run the fault scan (gain, kurtosis, instability per decoder layer), bf16 vs --format."),
     texts: Path = typer.Option(None, "--texts", help="Calibration texts: one per line, or GSM8K jsonl (the 'question' field). Default: the built-in set."),
@@ -50,15 +51,22 @@ def scan_command(
 ) -> None:
     """Scan MODEL layer by layer under a number format: which modules break, how badly, what to do."""
     from .. import formats as F
-    from ..scan import MODES, SCAN_EXCLUDE, Thresholds, calibration_texts
+    from ..compat import REMOVED_IN
+    from ..scan import SCAN_EXCLUDE, WHERE, Thresholds, calibration_texts
     from ..scan import scan as run_scan
     from ..scan.calibration import DEFAULT_MAX_LENGTH
     from ..select import select_modules
 
     try:
         F.get(fmt)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        if mode is not None:
+            if where != "weight" and where != mode:
+                raise ValueError(f"--mode {mode} (deprecated) and --where {where} disagree; give only --where")
+            console.print(f"[yellow]warning:[/] --mode is deprecated; use --where (--mode is removed in hwnoise "
+                          f"{REMOVED_IN})")
+            where = mode
+        if where not in WHERE:
+            raise ValueError(f"unknown --where {where!r}; known: {', '.join(WHERE)}")
         threshold_values = Thresholds.coerce(_parse_thresholds(thresholds))
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length {max_length} is not accepted; give tokens per text >= 1 "
@@ -75,8 +83,8 @@ def scan_command(
                                       ("--budget-bits", budget_bits)) if v is not None]
             if len(targets) > 1:
                 raise ValueError(f"give one plan target, not {' and '.join(targets)}")
-            if mode != "weight" or not end_to_end:
-                raise ValueError("--plan chooses weight formats from end-to-end effects: it needs --mode weight "
+            if where != "weight" or not end_to_end:
+                raise ValueError("--plan chooses weight formats from end-to-end effects: it needs --where weight "
                                  "and --end-to-end")
             # Held out: the texts after the calibration ones, as many (none left: no held-out check).
             held_out = calibration_texts(texts if texts is None else Path(texts), None)[len(calibration):
@@ -99,13 +107,18 @@ def scan_command(
     with progress_bar() as progress:
         task = progress.add_task("scanning", total=phases * len(modules))
 
-        def step(phase, name):
+        def on_progress(label, done, total):
             # The plan search's steps (after the scan's phases) name what runs without advancing the bar.
+            phase, _, name = label.partition(" ")
+            if phase == "plan":
+                sub, _, name = name.partition(" ")
+                phase = f"plan {sub}"
             progress.update(task, advance=0 if phase.startswith("plan") else 1, description=f"{phase:<10} {name}")
 
         try:
-            report = run_scan(net, tokenizer, calibration, format=fmt, mode=mode, thresholds=threshold_values,
-                              end_to_end=end_to_end, samples=None, max_length=max_length or DEFAULT_MAX_LENGTH, on_step=step,
+            report = run_scan(net, tokenizer, calibration, format=fmt, where=where, thresholds=threshold_values,
+                              end_to_end=end_to_end, samples=None, max_length=max_length or DEFAULT_MAX_LENGTH,
+                              on_progress=on_progress,
                               model_name=model, plan=plan, target_kl=target_kl, target_loss=target_loss,
                               budget_bits=budget_bits, held_out=held_out if held_out else False)
         except ValueError as exc:
@@ -131,7 +144,7 @@ def scan_command(
         console.print(f"Whole model (every scanned module in {fmt} at once): loss increase "
                       f"{w['loss_increase']:+.4f} nats/token, KL {w['kl']:.4f}")
     if report.plan is not None:
-        from ..report.scan_views import plan_table
+        from ..scan.views import plan_table
 
         console.print(plan_table(report.plan))
         cost = report.plan.cost

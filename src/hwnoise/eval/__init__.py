@@ -8,16 +8,17 @@ interval supports it. See ``core`` (evaluate, resume), ``generate`` (batched gre
 ``stats`` (the statistics, from scipy) and ``report`` (EvalReport).
 """
 
+from ..compat import module_aliases
 from .core import (
+    EVAL_RUN_FILE,
     RECORDS_FILE,
-    RUN_FILE,
     check_problems,
     evaluate,
     parse_settings,
     read_records,
 )
 from .generate import build_prompts, generate_greedy
-from .report import METRICS, EvalReport, SettingResult
+from .report import ANSWER_METRICS, EvalReport, SettingResult
 from .stats import (
     Comparison,
     compare,
@@ -30,7 +31,9 @@ from .stats import (
 )
 
 __all__ = [
-    "METRICS", "RECORDS_FILE", "RUN_FILE", "Comparison", "EvalReport", "SettingResult", "build_prompts",
+    "ANSWER_METRICS", "EVAL_RUN_FILE", "RECORDS_FILE", "Comparison", "EvalReport", "SettingResult", "build_prompts",
     "check_problems", "compare", "evaluate", "exact_conditional_interval", "generate_greedy", "mcnemar_exact", "n_needed", "paired_bootstrap",
     "parse_settings", "read_records", "robustness_class", "wilson_interval",
 ]
+
+__getattr__ = module_aliases(__name__, {"METRICS": "ANSWER_METRICS", "RUN_FILE": "EVAL_RUN_FILE"})

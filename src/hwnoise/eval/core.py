@@ -21,13 +21,17 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..compat import module_aliases
+from ..devices import place
+from ..emulation import Emulation
 from ..io import atomic_write_json, prepare_out_dir
+from ..rewards import extract_answer, is_correct
 from .generate import build_prompts, generate_greedy
-from .report import METRICS, EvalReport, SettingResult
+from .report import ANSWER_METRICS, EvalReport, SettingResult
 
-__all__ = ["RECORDS_FILE", "RUN_FILE", "EvalProblem", "check_problems", "evaluate", "parse_settings", "read_records"]
+__all__ = ["EVAL_RUN_FILE", "RECORDS_FILE", "EvalProblem", "check_problems", "evaluate", "parse_settings", "read_records"]
 
-RUN_FILE = "run.json"
+EVAL_RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 REQUIRED_FIELDS = ("id", "question", "gold")
 HEADER_FIELDS = ("model", "settings", "seed", "batch_size", "max_new_tokens", "problems", "problems_sha256",
@@ -73,8 +77,6 @@ def check_problems(problems, n: int | None = None) -> list[EvalProblem]:
 
 def parse_settings(settings) -> list:
     """``Emulation``s from specs or Emulations, duplicates dropped, clean first (added if missing)."""
-    from ..emulation import Emulation
-
     if isinstance(settings, (str, Emulation)):
         settings = [settings]
     if settings is None:
@@ -106,7 +108,7 @@ def _model_name(model, model_name: str | None) -> str:
 
 
 def _header(model_name, settings, seed, batch_size, max_new_tokens, problems) -> dict:
-    from .. import __version__
+    from .. import __version__  # the top-level package defines it (a module-level import would be circular)
 
     return {"model": model_name, "settings": [s.spec for s in settings], "seed": seed, "batch_size": batch_size,
             "max_new_tokens": max_new_tokens, "problems": len(problems), "problems_sha256": _problems_hash(problems),
@@ -115,9 +117,9 @@ def _header(model_name, settings, seed, batch_size, max_new_tokens, problems) ->
 
 def _prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
     """Write the header, or check that the one there matches; clear the directory's results on overwrite."""
-    run, records = out / RUN_FILE, out / RECORDS_FILE
+    run, records = out / EVAL_RUN_FILE, out / RECORDS_FILE
     if overwrite:
-        for name in (RECORDS_FILE, RUN_FILE, "eval.json", "eval.png"):
+        for name in (RECORDS_FILE, EVAL_RUN_FILE, "eval.json", "eval.png"):
             (out / name).unlink(missing_ok=True)
     if run.exists():
         try:
@@ -130,7 +132,7 @@ def _prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
             raise ValueError(f"{out} holds a different run ({detail}); it cannot be resumed with these options: "
                              f"use a new --out or --overwrite (overwrite=True)")
     elif records.exists() and records.stat().st_size:
-        raise ValueError(f"{records} exists without a {RUN_FILE} header, so it cannot be checked against this run; "
+        raise ValueError(f"{records} exists without a {EVAL_RUN_FILE} header, so it cannot be checked against this run; "
                          f"use a new --out or --overwrite (overwrite=True)")
     else:
         atomic_write_json(run, header)
@@ -163,8 +165,6 @@ def read_records(path: str | os.PathLike, repair: bool = False) -> dict[tuple[st
 
 
 def _record(setting_spec: str, problem: EvalProblem, prompt_text: str, completion) -> dict:
-    from ..rewards import extract_answer, is_correct
-
     return {
         "setting": setting_spec, "problem_id": problem.id, "prompt": prompt_text, "completion": completion.text,
         "extracted_strict": extract_answer(completion.text, "strict"),
@@ -201,11 +201,9 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     _check_int("max_new_tokens", max_new_tokens, 1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer; got {seed!r}")
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if metric not in ANSWER_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(ANSWER_METRICS)}")
     emulations = parse_settings(settings)
-    from ..devices import place
-
     place(model, device, dtype)
     name = _model_name(model, model_name)
     header = _header(name, emulations, seed, batch_size, max_new_tokens, checked)
@@ -254,3 +252,6 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
                                           [records[(s.spec, p.id)] for p in checked]) for s in emulations]
     return EvalReport(model=name, data=data_name, problems=[p.id for p in checked], seed=seed, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, metric=metric, settings=results, seconds=seconds)
+
+
+__getattr__ = module_aliases(__name__, {"RUN_FILE": "EVAL_RUN_FILE"})

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import prompt_messages, prompt_text
+from ..devices import input_device
+
 __all__ = ["Completion", "Prompt", "build_prompts", "eos_token_ids", "generate_greedy", "pad_token_id"]
 
 
@@ -39,8 +42,6 @@ def uses_chat_template(tokenizer) -> bool:
 
 def build_prompts(tokenizer, questions) -> list[Prompt]:
     """Render and tokenize questions: chat template when the tokenizer has one, else ``prompt_text``."""
-    from ..data import prompt_messages, prompt_text
-
     out = []
     chat = uses_chat_template(tokenizer)
     for question in questions:
@@ -90,8 +91,6 @@ def generate_greedy(model, tokenizer, prompts: list[Prompt], max_new_tokens: int
     for row, p in enumerate(prompts):
         input_ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
         attention_mask[row, width - len(p.ids):] = 1
-    from ..devices import input_device
-
     device = input_device(model)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
                               pad_token_id=pad)

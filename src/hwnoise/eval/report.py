@@ -1,5 +1,5 @@
 """``EvalReport``: an evaluation's result as data. ``to_json()`` is the source of truth; the table
-and the PNG (``hwnoise.report.eval_views``) are views of it; ``save(out)`` writes eval.json and eval.png."""
+and the PNG (``hwnoise.eval.views``) are views of it; ``save(out)`` writes eval.json and eval.png."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..compat import module_aliases
+from ..io import atomic_write_json, prepare_out_dir
 from .stats import CONFIDENCE, Comparison, compare, wilson_interval
+from . import views
 
-__all__ = ["METRICS", "SCHEMA_VERSION", "EvalReport", "SettingResult"]
+__all__ = ["ANSWER_METRICS", "SCHEMA_VERSION", "EvalReport", "SettingResult"]
 
 SCHEMA_VERSION = 1
-METRICS = ("strict", "flexible")  # hwnoise.rewards' extraction modes
+ANSWER_METRICS = ("strict", "flexible")  # hwnoise.rewards' extraction modes (METRICS until 0.3)
 
 
 @dataclass
@@ -32,7 +35,7 @@ class SettingResult:
     @classmethod
     def from_records(cls, spec: str, label: str, emulation: dict, scale, records: list[dict]) -> SettingResult:
         return cls(spec=spec, label=label, emulation=emulation, scale=scale,
-                   correct={m: [bool(r[f"correct_{m}"]) for r in records] for m in METRICS},
+                   correct={m: [bool(r[f"correct_{m}"]) for r in records] for m in ANSWER_METRICS},
                    generated_tokens=[int(r["generated_tokens"]) for r in records])
 
     @property
@@ -46,9 +49,9 @@ class SettingResult:
     def to_json(self) -> dict:
         return {
             "spec": self.spec, "label": self.label, "emulation": self.emulation, "scale": self.scale, "n": self.n,
-            "correct": {m: int(sum(self.correct[m])) for m in METRICS},
-            "accuracy": {m: self.accuracy(m) for m in METRICS},
-            "wilson_ci": {m: list(wilson_interval(int(sum(self.correct[m])), self.n)) for m in METRICS},
+            "correct": {m: int(sum(self.correct[m])) for m in ANSWER_METRICS},
+            "accuracy": {m: self.accuracy(m) for m in ANSWER_METRICS},
+            "wilson_ci": {m: list(wilson_interval(int(sum(self.correct[m])), self.n)) for m in ANSWER_METRICS},
             "mean_generated_tokens": float(np.mean(self.generated_tokens)),
         }
 
@@ -81,9 +84,9 @@ class EvalReport:
                 for s in self.settings if s.spec != "clean"]
 
     def to_json(self) -> dict:
-        from .. import __version__
+        from .. import __version__  # the top-level package defines it (a module-level import would be circular)
 
-        by_metric = {m: {c.setting: c.to_json() for c in self.comparisons(m)} for m in METRICS}
+        by_metric = {m: {c.setting: c.to_json() for c in self.comparisons(m)} for m in ANSWER_METRICS}
         comparisons = []
         for s in self.settings:
             if s.spec == "clean":
@@ -93,7 +96,7 @@ class EvalReport:
                 "setting": s.spec, "label": s.label, "metric": self.metric,
                 **{k: primary[k] for k in ("difference", "drop", "drop_ci", "exact_drop_ci", "mcnemar_p", "b", "c", "robustness",
                                            "n_needed", "reason")},
-                "by_metric": {m: by_metric[m][s.spec] for m in METRICS},
+                "by_metric": {m: by_metric[m][s.spec] for m in ANSWER_METRICS},
             })
         return {
             "schema_version": SCHEMA_VERSION, "hwnoise_version": __version__,
@@ -109,19 +112,14 @@ class EvalReport:
 
     def to_table(self):
         """A rich Table: accuracy per setting with intervals, and the comparison with clean."""
-        from ..report.eval_views import table
-
-        return table(self.to_json())
+        return views.table(self.to_json())
 
     def save(self, out: str | os.PathLike) -> Path:
         """Write ``eval.json`` (atomically) and ``eval.png`` into ``out``; return the directory."""
-        from ..report.eval_views import write_png
-        from ..io import atomic_write_json, prepare_out_dir
-
         out = prepare_out_dir(out)
         data = self.to_json()
         atomic_write_json(out / "eval.json", data)
-        write_png(data, out / "eval.png")
+        views.write_png(data, out / "eval.png")
         return out
 
     @staticmethod
@@ -131,3 +129,6 @@ class EvalReport:
         if path.is_dir():
             path = path / "eval.json"
         return json.loads(path.read_text(encoding="utf-8"))
+
+
+__getattr__ = module_aliases(__name__, {"METRICS": "ANSWER_METRICS"})

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Calibration", "CleanPass", "DEFAULT_MAX_LENGTH", "decoder_layers", "tokenize"]
+__all__ = ["Calibration", "CleanPass", "DEFAULT_MAX_LENGTH", "decoder_layers", "quantized_input", "swapped_weight",
+           "tokenize"]
 
 DEFAULT_MAX_LENGTH = 16  # tokens per text: 211 single-module passes of 8 texts stay under a minute on 2 cores (32: ~82 s)
 _LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)$")
@@ -203,3 +204,32 @@ class CleanPass:
 
     def _mean(self, per_position: torch.Tensor) -> float:
         return float(per_position.double()[self.valid].sum() / self.count)
+
+
+@contextmanager
+def swapped_weight(module: nn.Module, weight: torch.Tensor):
+    """Run with ``module.weight`` replaced by another tensor; the original Parameter object is put
+    back on exit (also on errors), so the model's parameters are never written to. Tied weights
+    (lm_head and the embedding) stay tied to the clean copy: only this module sees the change."""
+    original = module._parameters["weight"]
+    module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    try:
+        yield
+    finally:
+        module._parameters["weight"] = original
+
+
+@contextmanager
+def quantized_input(module: nn.Module, quantizer: Callable[[torch.Tensor], torch.Tensor]):
+    """Run with ``quantizer`` applied to the module's (first, floating-point) input; the hook is
+    always removed."""
+    def hook(mod, args):
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return (quantizer(args[0]),) + tuple(args[1:])
+        return None
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

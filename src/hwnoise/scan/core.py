@@ -10,20 +10,23 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from ..compat import module_aliases, renamed_kwargs
 from ..devices import input_device, place
-from ..formats import fake_quant, quantize
-from ..formats.registry import get
+from ..formats.fake_quant import options_for, quantize
+from ..formats.registry import FormatSpec, get
+from ..progress import ProgressCallback, progress_reporter
 from ..select import decoder_layer_index, is_linear, is_rmsnorm, select_modules
-from .calibration import DEFAULT_MAX_LENGTH, CleanPass, tokenize
+from .calibration import DEFAULT_MAX_LENGTH, CleanPass, quantized_input, swapped_weight, tokenize
 from .measures import STAT_KEYS, stats_to_metrics, tensor_stats
 from .report import LayerRow, ModuleRow, ScanReport, Thresholds
 from .plan import DEFAULT_EACH, parse_candidates, search_plan
 from .texts import BUILTIN_TEXTS, DEFAULT_SAMPLES, calibration_texts
 
-__all__ = ["MODES", "FORMAT_OPTIONS", "scan"]
+__all__ = ["FORMAT_OPTIONS", "ResolvedFormat", "WHERE", "resolve_format", "scan"]
 
-MODES = ("weight", "input")
+WHERE = ("weight", "input")  # where on a module the scan quantizes (MODES until 0.3)
 FORMAT_OPTIONS = ("scale_mode", "rounding", "block", "axis", "flavor", "seed")
+SPEC_OPTIONS = ("scale_mode", "rounding", "block", "flavor")  # the ones a FormatSpec holds
 # Never scanned unless named: LoRA adapters are the trainable part, not the deployed weights.
 SCAN_EXCLUDE = ("lora_A", "lora_B")
 
@@ -32,50 +35,44 @@ def _kind(module: nn.Module) -> str:
     return "linear" if is_linear(module) else "rmsnorm" if is_rmsnorm(module) else type(module).__name__
 
 
-def _check_format(fmt, format_options: dict):
+class ResolvedFormat:
+    """A scan's format, resolved once: the FormatSpec with its options applied, the block axis
+    and the seed. ``quantize(x)`` and ``options(x)`` go straight to the kernels (no registry look-up
+    per module or per call)."""
+
+    __slots__ = ("spec", "axis", "call")
+
+    def __init__(self, spec: FormatSpec, axis=None, **seed):
+        self.spec, self.axis = spec, axis
+        self.call = {**({"axis": axis} if axis is not None else {}), **seed}  # seed: only for stochastic rounding
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, self.spec, **self.call)
+
+    def options(self, x: torch.Tensor):
+        return options_for(x, self.spec, axis=self.axis)
+
+
+def resolve_format(format, format_options: dict) -> ResolvedFormat:  # noqa: A002
+    """Validate ``format`` and the scan's format options once; the result quantizes every module."""
     unknown = sorted(set(format_options) - set(FORMAT_OPTIONS))
     if unknown:
         raise ValueError(f"unknown scan option(s) {unknown}; format options: {', '.join(FORMAT_OPTIONS)}")
-    spec = get(fmt)  # unknown format -> ValueError naming the known ones
-    probe = torch.zeros(2, 64)
-    fake_quant._options(probe, spec, *(format_options.get(k) for k in ("scale_mode", "rounding", "block", "axis",
-                                                                        "flavor")))
-    return spec
+    spec = get(format)  # unknown format -> ValueError naming the known ones
+    spec = spec.with_options(**{k: format_options.get(k) for k in SPEC_OPTIONS})
+    axis = format_options.get("axis")
+    options_for(torch.zeros(2, 64), spec, axis=axis)  # a bad axis fails before any work
+    seed = {"seed": format_options.get("seed", 0)} if spec.rounding == "stochastic" else {}
+    return ResolvedFormat(spec, axis, **seed)
 
 
-@contextmanager
-def _swapped_weight(module: nn.Module, weight: torch.Tensor):
-    """Run with ``module.weight`` replaced by another tensor; the original Parameter object is put
-    back on exit (also on errors), so the model's parameters are never written to. Tied weights
-    (lm_head and the embedding) stay tied to the clean copy: only this module sees the change."""
-    original = module._parameters["weight"]
-    module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-    try:
-        yield
-    finally:
-        module._parameters["weight"] = original
-
-
-@contextmanager
-def _quantized_input(module: nn.Module, quantizer: Callable[[torch.Tensor], torch.Tensor]):
-    def hook(mod, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            return (quantizer(args[0]),) + tuple(args[1:])
-        return None
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
+@renamed_kwargs(mode="where")
 def scan(
     model: nn.Module,
     tokenizer,
     texts=None,
     format="mxfp4",  # noqa: A002 - the public name the issue and DESIGN use
-    mode: str = "weight",
+    where: str = "weight",
     targets="linear",
     thresholds=None,
     end_to_end: bool = True,
@@ -84,6 +81,7 @@ def scan(
     max_length: int = DEFAULT_MAX_LENGTH,
     layers=None,
     exclude=None,
+    on_progress: ProgressCallback | None = None,
     on_step: Callable[[str, str], None] | None = None,
     model_name: str | None = None,
     plan=None,
@@ -100,7 +98,7 @@ def scan(
 
     format: a registered name or spec string ("mxfp4", "nvfp4", "mxfp4:rceil"); format_options
     (scale_mode, rounding, block, axis, flavor, seed) go to ``hwnoise.quantize``.
-    mode: "weight" quantizes each module's weight (W4A16-style), "input" its input activations
+    where: "weight" quantizes each module's weight (W4A16-style), "input" its input activations
     on the calibration texts (W16A4-style). targets/layers/exclude: as ``hwnoise.select``; the
     lm_head is included (only LoRA adapters are excluded by default).
     texts: calibration texts (None: the built-in set; a sequence of strings; or a file path),
@@ -113,18 +111,23 @@ def scan(
     target of target_kl, target_loss (nats) or budget_bits (effective bits per weight; default:
     KL a third of the whole-model KL). held_out: texts that re-measure the plan (None: the built-in
     texts after the calibration ones when texts is None, else none; False: none).
-    on_step(phase, module_name) is called after each module of each phase ("metrics", "end_to_end").
+    on_progress(label, done, total) is called after each module of each phase: label
+    "<phase> <module name>" (phases "metrics", "end_to_end", then the plan search's "plan <format>"
+    and "plan joint"), done of total steps of that phase. ``on_step(phase, module_name)`` is its
+    deprecated form (still called, with a warning).
     device, dtype: move / cast the model first (in place; None leaves it as it is: a model spread
     over devices by a device map stays so, and the texts go to its input embedding's device).
     The model's parameters are never written to; hooks are always removed.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    spec = _check_format(format, format_options)
+    if where not in WHERE:
+        raise ValueError(f"unknown where {where!r}; known: {', '.join(WHERE)}")
+    resolved = resolve_format(format, format_options)  # the one registry look-up of the scan
+    spec = resolved.spec
+    report_progress = progress_reporter(on_progress, on_step, what="scan")
     base_spec = format.strip() if isinstance(format, str) else spec.name
     if plan is not None and plan is not False:
-        if mode != "weight":
-            raise ValueError(f"the plan search chooses weight formats: it needs mode='weight'; got mode={mode!r}")
+        if where != "weight":
+            raise ValueError(f"the plan search chooses weight formats: it needs where='weight'; got where={where!r}")
         if not end_to_end:
             raise ValueError("the plan search ranks modules by their end-to-end effect: it needs end_to_end=True")
         if any(v is not None for v in format_options.values()):
@@ -137,10 +140,7 @@ def scan(
     texts = calibration_texts(texts, samples)
     excludes = SCAN_EXCLUDE + ((exclude,) if isinstance(exclude, str) else tuple(exclude or ()))
     modules = select_modules(model, targets, layers=layers, exclude=excludes, default_exclude=False)
-    seed = format_options.pop("seed", 0)
-    options = {k: v for k, v in format_options.items() if v is not None}
-    if options.get("rounding", spec.rounding) == "stochastic":
-        options["seed"] = seed
+    format_options.pop("seed", None)
 
     place(model, device, dtype)  # bad names fail before any pass
     device = input_device(model)
@@ -150,69 +150,63 @@ def scan(
     model.eval()
     t0 = time.perf_counter()
     try:
-        clean = CleanPass(model, calibration, watch=modules, capture_inputs=(mode == "input"))
+        clean = CleanPass(model, calibration, watch=modules, capture_inputs=(where == "input"))
         t_clean = time.perf_counter() - t0
 
         rows_stats, quantized = {}, {}
         t1 = time.perf_counter()
         with torch.inference_mode():
-            for name, module in modules.items():
-                if mode == "weight":
+            for done, (name, module) in enumerate(modules.items(), 1):
+                if where == "weight":
                     weight = module._parameters.get("weight")
                     if weight is None or not weight.is_floating_point():
                         raise ValueError(f"{name} ({type(module).__name__}) has no floating-point weight to quantize")
                     x = weight.detach()
-                    y = quantize(x, spec, **options)
+                    y = resolved.quantize(x)
                     quantized[name] = y
-                    o = fake_quant._options(x, spec, *(options.get(k) for k in ("scale_mode", "rounding", "block",
-                                                                                   "axis", "flavor")))
-                    rows_stats[name] = tensor_stats(x, y, o)
+                    rows_stats[name] = tensor_stats(x, y, resolved.options(x))
                 else:
                     if name not in clean.inputs:
                         raise ValueError(f"{name} was not called with a tensor input on the calibration texts")
                     full = clean.inputs[name]
-                    y_full = quantize(full, spec, **options)
+                    y_full = resolved.quantize(full)
                     # Metrics on real tokens only; the quantized copy is of the whole input, as in the pass.
                     if full.shape[:2] == valid_tokens.shape:
                         here = valid_tokens.to(full.device)  # a model spread over devices
                         x, y = full[here], y_full[here]
                     else:
                         x, y = full, y_full
-                    o = fake_quant._options(x, spec, *(options.get(k) for k in ("scale_mode", "rounding", "block",
-                                                                                   "axis", "flavor")))
-                    rows_stats[name] = tensor_stats(x, y, o)
-                if on_step:
-                    on_step("metrics", name)
+                    rows_stats[name] = tensor_stats(x, y, resolved.options(x))
+                report_progress("metrics", name, done, len(modules))
         t_metrics = time.perf_counter() - t1
         clean.inputs.clear()
 
         effects = {}
         t2 = time.perf_counter()
         if end_to_end:
-            for name, module in modules.items():
+            for done, (name, module) in enumerate(modules.items(), 1):
                 layer = decoder_layer_index(name)
-                if mode == "weight":
+                if where == "weight":
                     def change(module=module, y=quantized[name]):
-                        return _swapped_weight(module, y)
+                        return swapped_weight(module, y)
                 else:
                     def change(module=module):
-                        return _quantized_input(module, lambda t: quantize(t, spec, **options))
+                        return quantized_input(module, resolved.quantize)
                 effects[name] = clean.effect(name, layer, change)
-                if on_step:
-                    on_step("end_to_end", name)
+                report_progress("end_to_end", name, done, len(modules))
         whole_model = None
         if end_to_end:
-            if mode == "weight":
+            if where == "weight":
                 def change_all():
                     stack = ExitStack()
                     for name, module in modules.items():
-                        stack.enter_context(_swapped_weight(module, quantized[name]))
+                        stack.enter_context(swapped_weight(module, quantized[name]))
                     return stack
             else:
                 def change_all():
                     stack = ExitStack()
                     for module in modules.values():
-                        stack.enter_context(_quantized_input(module, lambda t: quantize(t, spec, **options)))
+                        stack.enter_context(quantized_input(module, resolved.quantize))
                     return stack
             loss_all, kl_all = clean.effect("", None, change_all)
             whole_model = {"loss_increase": loss_all, "kl": kl_all}
@@ -227,7 +221,7 @@ def scan(
             plan_result = search_plan(
                 modules, clean, base_spec, plan if plan is not True else None, effects, quantized=quantized,
                 target_kl=target_kl, target_loss=target_loss, budget_bits=budget_bits, held_out=held,
-                each=plan_each, saturation_threshold=thresholds.saturation_ratio, on_step=on_step)
+                each=plan_each, saturation_threshold=thresholds.saturation_ratio, report=report_progress)
             t_plan = time.perf_counter() - t3
         quantized.clear()
     finally:
@@ -247,7 +241,7 @@ def scan(
         model=model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         format=format.strip() if isinstance(format, str) else spec.name,
         format_options={k: v for k, v in format_options.items() if v is not None},
-        mode=mode,
+        mode=where,  # the JSON key stays "mode" (outputs unchanged)
         targets=targets if isinstance(targets, str) else list(targets),
         thresholds=thresholds,
         texts=len(texts),
@@ -291,3 +285,6 @@ def aggregate_layers(rows: Iterable[ModuleRow], thresholds: Thresholds) -> list[
             problems=thresholds.problems(m),
         ))
     return out
+
+
+__getattr__ = module_aliases(__name__, {"MODES": "WHERE"})

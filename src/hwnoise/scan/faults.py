@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..formats import quantize
+from ..compat import renamed_kwargs
+from ..devices import input_device
+from ..formats.fake_quant import quantize
 from ..formats.registry import get
 from ..select import decoder_layer_index, select_modules
-from .calibration import DEFAULT_MAX_LENGTH, decoder_layers, tokenize
-from .core import SCAN_EXCLUDE, _swapped_weight
+from .calibration import DEFAULT_MAX_LENGTH, decoder_layers, swapped_weight, tokenize
+from .core import SCAN_EXCLUDE
 from .texts import DEFAULT_SAMPLES, calibration_texts
 
 __all__ = ["FaultLayer", "FaultReport", "NO_CHANGE", "scan_faults"]
@@ -54,6 +56,8 @@ class FaultLayer:
 
 @dataclass
 class FaultReport:
+    # The two formats compared. The fields (and the JSON keys) keep their 0.1 names config_a /
+    # config_b, so saved scans read the same; format_a / format_b are the names of the API.
     config_a: str
     config_b: str
     epsilon: float
@@ -62,6 +66,14 @@ class FaultReport:
     texts: int
     tokens: int
     layers: list[FaultLayer]
+
+    @property
+    def format_a(self) -> str:
+        return self.config_a
+
+    @property
+    def format_b(self) -> str:
+        return self.config_b
 
     @property
     def flagged(self) -> list[int]:
@@ -85,12 +97,11 @@ class FaultReport:
         return t
 
 
-def _check_config(config) -> str | None:
-    """The format name for a configuration, or None for "none"."""
+def _check_config(config):
+    """The resolved format for a configuration (looked up once), or None for "none"."""
     if config is None or (isinstance(config, str) and config.strip().lower() in NO_CHANGE):
         return None
-    get(config)  # unknown -> ValueError naming the known formats
-    return config
+    return get(config)  # unknown -> ValueError naming the known formats
 
 
 def _hidden(output) -> torch.Tensor:
@@ -99,6 +110,54 @@ def _hidden(output) -> torch.Tensor:
 
 def _ratio(b: float, a: float) -> float:
     return b / a if a != 0 else (math.inf if b > 0 else 1.0)
+
+
+@renamed_kwargs(config_a="format_a", config_b="format_b")
+def scan_faults(
+    model: nn.Module,
+    tokenizer,
+    texts=None,
+    format_a="bf16",
+    format_b="mxfp4",
+    *,
+    targets="linear",
+    samples: int | None = DEFAULT_SAMPLES,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    epsilon: float = 1e-2,
+    repeats: int = 4,
+    seed: int = 0,
+    ratio_threshold: float = RATIO_THRESHOLD,
+) -> FaultReport:
+    """Gain, kurtosis and instability per decoder layer under two weight formats (format spec
+    strings, or "none"); layers whose gain or kurtosis ratio b/a falls below ``ratio_threshold``
+    are flagged. The model's parameters are never written to."""
+    fmt_a, fmt_b = _check_config(format_a), _check_config(format_b)
+    if not (isinstance(epsilon, (int, float)) and 0 < epsilon < 1):
+        raise ValueError(f"epsilon must be in (0, 1) (the perturbation relative to the input rms); got {epsilon!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    if not (isinstance(ratio_threshold, (int, float)) and 0 < ratio_threshold <= 10):
+        raise ValueError(f"ratio_threshold must be a positive number (default 0.9); got {ratio_threshold!r}")
+    texts = calibration_texts(texts, samples)
+    modules = select_modules(model, targets, exclude=SCAN_EXCLUDE, default_exclude=False)
+    if not decoder_layers(model):
+        raise ValueError("the model has no decoder layers named like 'layers.N' (or 'h.N', 'blocks.N')")
+    calibration = tokenize(tokenizer, texts, max_length, input_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        a = _measure(model, calibration, modules, fmt_a, epsilon=epsilon, repeats=repeats, seed=seed)
+        b = _measure(model, calibration, modules, fmt_b, epsilon=epsilon, repeats=repeats, seed=seed)
+    finally:
+        model.train(was_training)
+    rows = []
+    for index in sorted(a):
+        (ga, ka, ia), (gb, kb, ib) = a[index], b[index]
+        gain_ratio, kurt_ratio = _ratio(gb, ga), _ratio(kb, ka)
+        flags = [name for name, r in (("gain", gain_ratio), ("kurtosis", kurt_ratio)) if r < ratio_threshold]
+        rows.append(FaultLayer(index, ga, gb, gain_ratio, ka, kb, kurt_ratio, ia, ib, flags))
+    return FaultReport(str(format_a), str(format_b), float(epsilon), repeats, float(ratio_threshold),
+                       len(texts), calibration.tokens, rows)
 
 
 @torch.inference_mode()
@@ -110,10 +169,11 @@ def _measure(model, calibration, modules, config, *, epsilon, repeats, seed):
     clean = {name: m._parameters["weight"].detach() for name, m in modules.items()}
     valid = calibration.attention_mask.bool()
     records: dict[int, tuple] = {}
+    stochastic = config.with_options(rounding="stochastic") if config is not None else None
     with ExitStack() as stack:
         if config is not None:
             for name, m in modules.items():
-                stack.enter_context(_swapped_weight(m, quantize(clean[name], config)))
+                stack.enter_context(swapped_weight(m, quantize(clean[name], config)))
         handles = []
 
         def pre(index):
@@ -154,60 +214,11 @@ def _measure(model, calibration, modules, config, *, epsilon, repeats, seed):
                 for r in range(repeats):
                     with ExitStack() as inner:
                         for n, m in members.items():
-                            q = quantize(clean[n], config, rounding="stochastic", seed=seed + 1000 * r + index)
-                            inner.enter_context(_swapped_weight(m, q))
+                            q = quantize(clean[n], stochastic, seed=seed + 1000 * r + index)
+                            inner.enter_context(swapped_weight(m, q))
                         runs.append(_hidden(layer(x, *rest, **kwargs))[valid].float())
                 stacked = torch.stack(runs)
                 mean = stacked.mean(0)
                 instability = float(stacked.std(0).mean() / mean.pow(2).mean().sqrt().clamp_min(1e-30))
             out[index] = (gain, kurt, instability)
     return out
-
-
-def scan_faults(
-    model: nn.Module,
-    tokenizer,
-    texts=None,
-    config_a="bf16",
-    config_b="mxfp4",
-    *,
-    targets="linear",
-    samples: int | None = DEFAULT_SAMPLES,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    epsilon: float = 1e-2,
-    repeats: int = 4,
-    seed: int = 0,
-    ratio_threshold: float = RATIO_THRESHOLD,
-) -> FaultReport:
-    """Gain, kurtosis and instability per decoder layer under two weight configurations (format spec
-    strings, or "none"); layers whose gain or kurtosis ratio b/a falls below ``ratio_threshold``
-    are flagged. The model's parameters are never written to."""
-    fmt_a, fmt_b = _check_config(config_a), _check_config(config_b)
-    if not (isinstance(epsilon, (int, float)) and 0 < epsilon < 1):
-        raise ValueError(f"epsilon must be in (0, 1) (the perturbation relative to the input rms); got {epsilon!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
-    if not (isinstance(ratio_threshold, (int, float)) and 0 < ratio_threshold <= 10):
-        raise ValueError(f"ratio_threshold must be a positive number (default 0.9); got {ratio_threshold!r}")
-    texts = calibration_texts(texts, samples)
-    modules = select_modules(model, targets, exclude=SCAN_EXCLUDE, default_exclude=False)
-    if not decoder_layers(model):
-        raise ValueError("the model has no decoder layers named like 'layers.N' (or 'h.N', 'blocks.N')")
-    from ..devices import input_device
-
-    calibration = tokenize(tokenizer, texts, max_length, input_device(model))
-    was_training = model.training
-    model.eval()
-    try:
-        a = _measure(model, calibration, modules, fmt_a, epsilon=epsilon, repeats=repeats, seed=seed)
-        b = _measure(model, calibration, modules, fmt_b, epsilon=epsilon, repeats=repeats, seed=seed)
-    finally:
-        model.train(was_training)
-    rows = []
-    for index in sorted(a):
-        (ga, ka, ia), (gb, kb, ib) = a[index], b[index]
-        gain_ratio, kurt_ratio = _ratio(gb, ga), _ratio(kb, ka)
-        flags = [name for name, r in (("gain", gain_ratio), ("kurtosis", kurt_ratio)) if r < ratio_threshold]
-        rows.append(FaultLayer(index, ga, gb, gain_ratio, ka, kb, kurt_ratio, ia, ib, flags))
-    return FaultReport(str(config_a), str(config_b), float(epsilon), repeats, float(ratio_threshold),
-                       len(texts), calibration.tokens, rows)

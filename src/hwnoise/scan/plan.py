@@ -33,9 +33,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..formats import fake_quant, quantize
+from ..formats.fake_quant import options_for, quantize, saturation_mask
 from ..formats.registry import get
 from ..plans import REFERENCE_BITS
+from ..progress import ProgressCallback, progress_reporter
+from ..select import decoder_layer_index
+from .calibration import swapped_weight
 
 __all__ = ["DEFAULT_EACH", "DEFAULT_GROWTH", "PlanResult", "parse_candidates", "search_plan"]
 
@@ -122,8 +125,6 @@ class PlanResult:
         """AQN multipliers derived from the plan: per decoder layer, the square root of the weight
         error energy left by the plan over that of the all-base model (1: nothing bought back, 0:
         the whole layer in full precision); the layers with any error left are targeted."""
-        from ..select import decoder_layer_index
-
         energy = self.cost.get("noise_energy") or {}
         left: dict[int, float] = {}
         full: dict[int, float] = {}
@@ -223,13 +224,19 @@ def search_plan(
     growth: float = DEFAULT_GROWTH,
     scale_check: bool = True,
     saturation_threshold: float = 0.01,
+    on_progress: ProgressCallback | None = None,
     on_step: Callable[[str, str], None] | None = None,
+    report: Callable[[str, str, int, int], None] | None = None,
 ) -> PlanResult:
     """Search a format per module (see the module docstring). ``solo``: module -> (loss increase,
     KL) with only that module in ``base`` (the scan's end-to-end effects). ``quantized``: the base
-    format's weights already computed by the scan (reused, not recomputed)."""
-    from .core import _swapped_weight
-
+    format's weights already computed by the scan (reused, not recomputed). on_progress(label, done,
+    total): after each solo pass ("plan <format> <module>", done of the modules) and each joint
+    pass ("plan joint <k> of <n> upgrades", done of the points measured so far, of the upgrades);
+    ``on_step(phase, name)`` is its deprecated form. ``report``: a ``progress_reporter`` the caller
+    (``scan``) already built, used instead of the two."""
+    if report is None:
+        report = progress_reporter(on_progress, on_step, what="search_plan")
     t0 = time.perf_counter()
     given = [(k, v) for k, v in (("kl", target_kl), ("loss", target_loss), ("bits", budget_bits)) if v is not None]
     if len(given) > 1:
@@ -257,11 +264,15 @@ def search_plan(
         cache.update({(n, base): w for n, w in quantized.items()})
     energy: dict[str, dict[str, float]] = {n: {} for n in modules}
 
+    resolved: dict[str, object] = {}  # spec string -> FormatSpec: each resolved once per search
+
     def weight(name: str, spec: str) -> torch.Tensor:
         key = (name, spec)
         if key not in cache:
+            if spec not in resolved:
+                resolved[spec] = get(spec)
             with torch.inference_mode():
-                cache[key] = quantize(modules[name].weight.detach(), spec)
+                cache[key] = quantize(modules[name].weight.detach(), resolved[spec])
         if spec not in energy[name]:
             with torch.inference_mode():
                 w = modules[name].weight.detach().float()
@@ -273,7 +284,7 @@ def search_plan(
         def change():
             with ExitStack() as stack:
                 for name, spec in plan.items():
-                    stack.enter_context(_swapped_weight(modules[name], weight(name, spec)))
+                    stack.enter_context(swapped_weight(modules[name], weight(name, spec)))
                 yield
         return change
 
@@ -288,15 +299,14 @@ def search_plan(
     # 1. Solo effects per candidate (base: the scan's; >= 16 bits: 0, not measured).
     effect = {n: {base: solo[n][1] if rank_by == "kl" else solo[n][0]} for n in modules}
     for spec in cands[1:]:
-        for name, module in modules.items():
+        for done, name in enumerate(modules, 1):
             if bits[spec] >= REFERENCE_BITS:
                 effect[name][spec] = 0.0
                 continue
-            loss, kl = clean.effect(name, _layer(name), swapped({name: spec}))
+            loss, kl = clean.effect(name, decoder_layer_index(name), swapped({name: spec}))
             passes["solo"] += 1
             effect[name][spec] = kl if rank_by == "kl" else loss
-            if on_step:
-                on_step(f"plan {spec}", name)
+            report(f"plan {spec}", name, done, len(modules))
 
     # 2. Rank: per module a chain of upgrades (best gain per bit from where it is), merged by a heap.
     def next_upgrade(name: str, current: str):
@@ -337,8 +347,7 @@ def search_plan(
             if k:
                 point["last"] = f"{changes[k - 1]['module']} -> {changes[k - 1]['to']}"
             points[k] = point
-            if on_step:
-                on_step("plan joint", f"{k} of {len(changes)} upgrades")
+            report("plan joint", f"{k} of {len(changes)} upgrades", k, len(changes))
         return points[k]
 
     for k in _schedule(len(changes), each, growth):
@@ -411,12 +420,6 @@ def search_plan(
     return result
 
 
-def _layer(name: str):
-    from ..select import decoder_layer_index
-
-    return decoder_layer_index(name)
-
-
 def _scale_mode_check(modules, clean, base, solo, whole, weight, swapped, passes, saturation_threshold) -> dict | None:
     """When saturation (values clipped by OCP floor scales) dominates a module's error, re-measure
     with the ``:rceil`` variant: the modules most dominated, alone, and the whole model."""
@@ -432,10 +435,10 @@ def _scale_mode_check(modules, clean, base, solo, whole, weight, swapped, passes
     with torch.inference_mode():
         for name, module in modules.items():
             x = module.weight.detach()
-            o = fake_quant._options(x, spec, None, None, None, None, None)
+            o = options_for(x, spec)
             y = weight(name, base).float()
             err = (x.float() - y).pow(2)
-            sat = fake_quant.saturation_mask(x, o)
+            sat = saturation_mask(x, o)
             total = float(err.sum().double())
             clipped = float(err[sat].sum().double()) if total > 0 else 0.0
             rows.append({"module": name, "saturation_ratio": float(sat.float().mean()),
@@ -450,7 +453,7 @@ def _scale_mode_check(modules, clean, base, solo, whole, weight, swapped, passes
     checked = []
     for r in dominated[:SCALE_CHECK_MODULES]:
         name = r["module"]
-        loss, kl = clean.effect(name, _layer(name), swapped({name: rceil}))
+        loss, kl = clean.effect(name, decoder_layer_index(name), swapped({name: rceil}))
         passes["scale_mode"] += 1
         w = modules[name].weight.detach().float()
         noise_r = float((weight(name, rceil).float() - w).pow(2).sum().double())

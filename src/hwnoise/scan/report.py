@@ -10,8 +10,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..compat import module_aliases
+from ..formats.registry import get
+from ..io import atomic_write_bytes, json_text, prepare_out_dir
+from .plan import PlanResult
+from . import views
+
 __all__ = [
-    "DEFAULT_TIERS", "LayerRow", "ModuleRow", "Recommendation", "ScanReport", "Thresholds",
+    "DEFAULT_TIERS", "LAYER_METRICS", "LayerRow", "ModuleRow", "Recommendation", "ScanReport", "Thresholds",
     "KEEP_SHARE", "MIXED_SHARE", "SCHEMA_VERSION",
 ]
 
@@ -21,7 +27,7 @@ KEEP_SHARE = 0.10   # below: keep those modules in high precision
 MIXED_SHARE = 0.30  # up to: mixed precision for the worst plus AQN; above: wider format or global AQN
 # (cumulative share of decoder layers, worst first; AQN multiplier): worst 10 % x2.0, next 20 % x1.5.
 DEFAULT_TIERS = ((0.10, 2.0), (0.30, 1.5))
-METRICS = ("sqnr_db", "deadzone_ratio", "saturation_ratio", "relative_error")
+LAYER_METRICS = ("sqnr_db", "deadzone_ratio", "saturation_ratio", "relative_error")  # METRICS until 0.3
 _WORST_SHOWN = 5
 
 
@@ -68,7 +74,7 @@ class Thresholds:
         return cls(**value)
 
     def problems(self, m: Mapping[str, float]) -> list[str]:
-        """The metrics of ``m`` that cross their threshold, in METRICS order."""
+        """The metrics of ``m`` that cross their threshold, in LAYER_METRICS order."""
         out = []
         if m["sqnr_db"] < self.sqnr_db:
             out.append("sqnr_db")
@@ -156,15 +162,13 @@ class Recommendation:
 
 
 def _float(value):
-    """JSON writes inf/nan as strings (report.files); read them back."""
+    """JSON writes inf/nan as strings (hwnoise.io); read them back."""
     if isinstance(value, str) and value in ("inf", "-inf", "nan"):
         return float(value)
     return value
 
 
 def _wider_format(fmt: str) -> str:
-    from ..formats.registry import get
-
     try:
         bits = get(fmt).element.bits
     except (ValueError, TypeError):
@@ -237,7 +241,7 @@ class ScanReport:
         bad = self.worst(None, problematic_only=True)
         total, share = len(self.rows), self.problematic_share
         t = self.thresholds
-        counts = {m: sum(1 for r in bad if m in r.problems) for m in METRICS}
+        counts = {m: sum(1 for r in bad if m in r.problems) for m in LAYER_METRICS}
         why = ", ".join(f"{n} {t.describe(m)}" for m, n in counts.items() if n)
         head = (f"{len(bad)} of {total} modules ({100 * share:.1f} %) are problematic under {self.format} "
                 f"({self.mode} mode)" + (f": {why}." if why else "."))
@@ -251,7 +255,7 @@ class ScanReport:
             head += (f" With every scanned module in {self.format} at once the loss rises by "
                      f"{w['loss_increase']:+.4f} nats/token (KL {w['kl']:.4f}).")
         bad_layers = sorted({r.layer for r in bad if r.layer is not None})
-        plan = self._plan()
+        plan = self.plan_result()
         if plan is not None:
             keep = [n for n, f in plan.formats.items() if f != plan.base]
             layers = sorted({r.layer for r in self.rows if r.layer is not None and plan.formats.get(r.name) == plan.base})
@@ -285,16 +289,15 @@ class ScanReport:
              f"precision. Choose a wider format (for example {wider}) or train with global AQN on every "
              f"decoder layer (sigma_multipliers.json weights the worst layers higher)."])
 
-    def _plan(self):
-        from .plan import PlanResult
-
+    def plan_result(self):
+        """The plan search's result as a PlanResult (``plan`` may hold its JSON), or None."""
         if self.plan is None or isinstance(self.plan, PlanResult):
             return self.plan
         return PlanResult.from_json(self.plan)
 
     def plan_formats(self) -> dict[str, str] | None:
         """The chosen plan (module -> format spec, what plan.json holds), or None without a plan search."""
-        plan = self._plan()
+        plan = self.plan_result()
         return None if plan is None else dict(plan.formats)
 
     def sigma_multipliers(self, tiers: Sequence[tuple[float, float]] = DEFAULT_TIERS,
@@ -369,7 +372,7 @@ class ScanReport:
                 a = mine[r.name]
                 rows.append({"name": r.name, "layer": r.layer,
                              **{f"{m}_delta": delta(getattr(a, m), getattr(r, m))
-                                for m in METRICS + ("loss_increase", "kl")},
+                                for m in LAYER_METRICS + ("loss_increase", "kl")},
                              "problematic": [a.problematic, r.problematic]})
         layers_a = {l.layer: l for l in self.layers}
         layers = [{"layer": l.layer, "sqnr_db": [layers_a[l.layer].sqnr_db, l.sqnr_db],
@@ -398,7 +401,7 @@ class ScanReport:
                 "modules": len(self.rows), "decoder_layers": len(self.layers),
                 "problematic_modules": len(self.problematic_rows), "problematic_share": self.problematic_share,
                 "problematic_layers": [l.layer for l in self.layers if l.problematic],
-                **{f"{m}_mean": self.mean(m) for m in METRICS},
+                **{f"{m}_mean": self.mean(m) for m in LAYER_METRICS},
                 "sqnr_db_min": min((r.sqnr_db for r in self.rows), default=math.nan),
                 "sqnr_db_max": max((r.sqnr_db for r in self.rows), default=math.nan),
                 "kl_mean": self.mean("kl") if self.end_to_end else None,
@@ -407,7 +410,7 @@ class ScanReport:
                 "whole_model_kl": (self.whole_model or {}).get("kl"),
             },
             "whole_model": self.whole_model,
-            "plan": self._plan().to_json() if self.plan is not None else None,
+            "plan": self.plan_result().to_json() if self.plan is not None else None,
             "recommendation": asdict(rec),
             "modules": [asdict(r) for r in self.rows],
             "layers": [asdict(l) for l in self.layers],
@@ -466,15 +469,11 @@ class ScanReport:
 
     def to_table(self, n: int = 10, by: str = "layer"):
         """A rich Table of the ``n`` worst decoder layers (``by="layer"``) or modules (``"module"``)."""
-        from ..report.scan_views import table
-
-        return table(self, n, by)
+        return views.table(self, n, by)
 
     def to_html(self) -> str:
         """One self-contained page: summary, recommendation, per-layer plots (embedded PNGs), worst layers."""
-        from ..report.scan_views import html_page
-
-        return html_page(self)
+        return views.html_page(self)
 
     # The files save() writes; a name here that a new save does not write (faults.json without a
     # fault scan, the end-to-end plot without end-to-end) is a stale result of an earlier scan: removed.
@@ -488,9 +487,6 @@ class ScanReport:
         else in ``directory`` is left alone. Everything is rendered before the first write, so a
         failure while rendering leaves the previous files as they were. An existing file or a
         read-only directory as ``directory`` raises ``hwnoise.io.OutputPathError`` (a ValueError)."""
-        from ..io import atomic_write_bytes, json_text, prepare_out_dir
-        from ..report.scan_views import html_page, render_plots
-
         directory = prepare_out_dir(directory, what="directory")
         files: dict[str, bytes] = {
             "scan.json": json_text(self.to_json()).encode(),
@@ -501,9 +497,9 @@ class ScanReport:
             files["faults.json"] = json_text(faults).encode()
         if self.plan is not None:  # plan.json: module -> format spec, usable as weights:plan.json
             files["plan.json"] = json_text(self.plan_formats()).encode()
-            files["plan_sigma_multipliers.json"] = json_text(self._plan().sigma_multipliers()).encode()
-        images = render_plots(self) if plots else {}
-        files["scan.html"] = html_page(self, images).encode()
+            files["plan_sigma_multipliers.json"] = json_text(self.plan_result().sigma_multipliers()).encode()
+        images = views.render_plots(self) if plots else {}
+        files["scan.html"] = views.html_page(self, images).encode()
         files.update(images)
         for name, data in files.items():
             atomic_write_bytes(directory / name, data)
@@ -511,3 +507,6 @@ class ScanReport:
             if name not in files:
                 (directory / name).unlink(missing_ok=True)
         return directory
+
+
+__getattr__ = module_aliases(__name__, {"METRICS": "LAYER_METRICS"})
