@@ -12,7 +12,7 @@ from ..compat import module_aliases
 from .env import config_from_env, disable_from_env, enable_from_env
 from .hooks import WHERE, Injection, SiteStats, inject
 from .ops import ALL_OPS, DEFAULT_OPS, NoisyOps, noisy_ops, register_op, resolve_ops
-from .phases import current_phase, phase
+from .phases import INJECTION_PHASES, PHASES, current_phase, phase
 
 # hwnoise.noisy_ops.enable_from_env(): the factory carries the environment switch.
 noisy_ops.enable_from_env = enable_from_env
@@ -26,6 +26,6 @@ __getattr__ = module_aliases(__name__, {
 })
 
 __all__ = [
-    "ALL_OPS", "DEFAULT_OPS", "WHERE", "Injection", "NoisyOps", "SiteStats", "config_from_env", "current_phase",
+    "ALL_OPS", "DEFAULT_OPS", "INJECTION_PHASES", "PHASES", "WHERE", "Injection", "NoisyOps", "SiteStats", "config_from_env", "current_phase",
     "disable_from_env", "enable_from_env", "inject", "noisy_ops", "phase", "register_op", "resolve_ops",
 ]
