@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from . import errors as E
+from .aqn import AQN, Constant
 from .formats import get as get_format, quantize
 from .inject.hooks import inject
 from .inject.ops import ALL_OPS, DEFAULT_OPS, noisy_ops, resolve_ops
@@ -270,8 +271,6 @@ class Emulation:
                     stack.enter_context(_quantized_weights(model, self.weight_format, self.targets,
                                                            self.exclude, stats))
             if self.aqn_sigma:
-                from .aqn import AQN, Constant
-
                 aqn = AQN(Constant(self.aqn_sigma), seed=_derived_seed(seed, step, "aqn", substep))
                 stack.enter_context(aqn.noisy(model, step=0, total_steps=1))
                 stats.aqn = aqn
