@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -119,21 +120,24 @@ def import_closure(package: str, path: Path, skip=frozenset()) -> tuple[dict[str
     package does not import itself, each in a fresh interpreter; and ``{unit: missing dependency}``."""
     modules = [m for m in package_modules(package, path) if m not in skip]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    imported, missing, seen = {}, {}, set()
-    todo = [m for m in modules if m.count(".") == 1]
-    while todo:
-        unit = todo.pop(0)
+
+    def child(unit):
         run = subprocess.run([sys.executable, "-c", _CHILD, package, unit, str(path)],
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, f"importing {unit} failed:\n{run.stderr[-3000:]}"
-        result = json.loads(run.stdout.strip().splitlines()[-1])
-        if "missing" in result:
-            missing[unit] = result["missing"]
-            seen.add(unit)
-        else:
-            imported[unit] = [m for m in result["modules"] if m != unit]
-            seen.update(result["modules"])
-        if not todo:  # submodules nothing imported so far get their own interpreter
+        return unit, json.loads(run.stdout.strip().splitlines()[-1])
+
+    imported, missing, seen = {}, {}, set()
+    todo = [m for m in modules if m.count(".") == 1]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        while todo:  # each round: the units not seen yet, each in its own interpreter
+            for unit, result in pool.map(child, todo):
+                if "missing" in result:
+                    missing[unit] = result["missing"]
+                    seen.add(unit)
+                else:
+                    imported[unit] = [m for m in result["modules"] if m != unit]
+                    seen.update(result["modules"])
             todo = [m for m in modules if m not in seen and m not in imported and m not in missing]
     return imported, missing
 
