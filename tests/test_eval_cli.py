@@ -91,6 +91,9 @@ def test_settings_from_options():
         "absolute:1e-3@input"]
     assert settings_from_options("0.1", "output", "absolute", None, None, None) == ["clean", "absolute:0.1@output"]
     assert settings_from_options(None, "ops", "relative", None, None, ["clean"]) == ["clean"]
+    # Levels are written exactly, not rounded to 6 digits ("{:g}" would make 0.1234567 into 0.123457).
+    assert settings_from_options("0.1234567", "ops", "relative", None, "0.00123456789", None) == [
+        "clean", "relative:0.1234567@ops", "aqn:0.00123456789"]
 
 
 def test_sigkill_halfway_then_rerun_gives_the_uninterrupted_results(model_dir, tmp_path):

@@ -47,7 +47,7 @@ from .inject.ops import ALL_OPS, DEFAULT_OPS, noisy_ops, resolve_ops
 from .plans import WeightPlan, check_weight_format, is_plan_spec
 from .select import parse_names, select_modules
 
-__all__ = ["EMULATION_WHERE", "Emulation", "EmulationStats"]
+__all__ = ["EMULATION_WHERE", "Emulation", "EmulationStats", "format_number"]
 
 EMULATION_WHERE = ("ops", "input", "output", "weight")
 _SPEC_FORMS = ("clean", "weights:FMT", "inputs:FMT", "aqn:SIGMA",
@@ -63,8 +63,9 @@ def _derived_seed(seed: int, step: int, what: str, substep: int = 0) -> int:
     return E.noise_key(seed, site, "forward", step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _number(value: float) -> str:
-    """A float written short (``0.01``, ``1e-05``) but exactly: it parses back to the same float."""
+def format_number(value: float) -> str:
+    """A float as emulation specs write it: short (``0.01``, ``1e-05``) but exact (it parses back
+    to the same float)."""
     short = f"{value:g}"
     return short if float(short) == value else repr(value)
 
@@ -197,7 +198,7 @@ class Emulation:
                 ops = "[all]" if self.ops == ALL_OPS else f"[{','.join(self.ops)}]"
             parts.append(f"{self.error}@{self.where}{ops}")
         if self.aqn_sigma:
-            parts.append(f"aqn:{_number(self.aqn_sigma)}")
+            parts.append(f"aqn:{format_number(self.aqn_sigma)}")
         if self.targets != _DEFAULT_TARGETS:
             parts.append("targets:" + (self.targets if isinstance(self.targets, str) else ",".join(self.targets)))
         if self.exclude:

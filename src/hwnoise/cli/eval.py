@@ -30,7 +30,7 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
                           setting: list[str] | None) -> list[str]:
     """The Emulation specs the options name, clean first; ValueError on anything unknown."""
     from ..errors import names as error_names
-    from ..emulation import EMULATION_WHERE, Emulation
+    from ..emulation import EMULATION_WHERE, Emulation, format_number
 
     if where not in EMULATION_WHERE:
         raise ValueError(f"unknown --where {where!r}; known: {', '.join(EMULATION_WHERE)}")
@@ -38,11 +38,11 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
         raise ValueError(f"unknown --error {error!r}; known: {', '.join(error_names())}")
     specs = ["clean"]
     for level in _numbers(noise, "noise level"):
-        specs.append("clean" if level == 0 else f"{error}:{level:g}@{where}")
+        specs.append("clean" if level == 0 else f"{error}:{format_number(level)}@{where}")
     for fmt in filter(None, (f.strip() for f in (formats or "").split(","))):
         specs.append(f"weights:{fmt}")
     for sigma in _numbers(aqn, "AQN sigma"):
-        specs.append("clean" if sigma == 0 else f"aqn:{sigma:g}")
+        specs.append("clean" if sigma == 0 else f"aqn:{format_number(sigma)}")
     specs += list(setting or [])
     out = []
     for spec in specs:

@@ -34,7 +34,7 @@ class HwnoiseGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose rollouts run under AQN and a rollout emulation, its loss under a training one.
 
     aqn: an ``hwnoise.AQN`` (its schedule gives sigma per global step) or None.
-    rollout_emulation / training_emulation: ``hwnoise.inject.Emulation`` or None (clean).
+    rollout_emulation / training_emulation: ``hwnoise.emulation.Emulation`` or None (clean).
     emulation_seed: every draw is keyed by (emulation_seed, global step), so a resumed run replays
     the noise an uninterrupted one drew. steps_per_epoch: for epoch-aware AQN schedules; None: taken
     from the trainer (optimizer steps per pass over the data, as transformers counts them) when
