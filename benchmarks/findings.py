@@ -9,9 +9,9 @@ One command regenerates every table and figure of docs/findings.md:
 What each finding measures (public API only: hn.scan, hn.evaluate, hn.AQN, hn.Emulation specs,
 hwnoise.data.load_problems, hwnoise.models.load, hwnoise.rl):
 
-- F1: ``hn.scan(mode="weight")`` under NVFP4 and MXFP4; per module SQNR, MSE, mean relative error and
+- F1: ``hn.scan(where="weight")`` under NVFP4 and MXFP4; per module SQNR, MSE, mean relative error and
   deadzone; NVFP4 - MXFP4 paired over modules with a bootstrap interval (resampling modules).
-- F2: ``hn.scan`` under MXFP4 with ``mode="input"`` (W16A4) and ``mode="weight"`` (W4A16); per module
+- F2: ``hn.scan`` under MXFP4 with ``where="input"`` (W16A4) and ``where="weight"`` (W4A16); per module
   relative error, paired over modules.
 - F3: ``hn.evaluate`` clean and under ``relative:1e-4@ops``, ``relative:1e-3@ops``, ``relative:5e-2@ops``
   (operator noise on every matmul; evaluation is forward only): Wilson intervals, exact McNemar,
@@ -228,7 +228,7 @@ def measure_f1(model, tokenizer, samples: int) -> dict:
 
     scans, t0 = {}, time.perf_counter()
     for fmt in F1_FORMATS:
-        scans[fmt] = hn.scan(model, tokenizer, format=fmt, mode="weight", end_to_end=False, samples=samples)
+        scans[fmt] = hn.scan(model, tokenizer, format=fmt, where="weight", end_to_end=False, samples=samples)
     rows = {fmt: module_rows(r) for fmt, r in scans.items()}
     names = [r["name"] for r in rows["nvfp4"]]
     if names != [r["name"] for r in rows["mxfp4"]]:
@@ -256,7 +256,7 @@ def measure_f2(model, tokenizer, samples: int) -> dict:
     import hwnoise as hn
 
     t0 = time.perf_counter()
-    scans = {mode: hn.scan(model, tokenizer, format=F2_FORMAT, mode=mode, end_to_end=False, samples=samples)
+    scans = {mode: hn.scan(model, tokenizer, format=F2_FORMAT, where=mode, end_to_end=False, samples=samples)
              for mode in ("input", "weight")}
     rows = {mode: module_rows(r) for mode, r in scans.items()}
     by_name = {mode: {r["name"]: r for r in rows[mode]} for mode in rows}

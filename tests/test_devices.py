@@ -232,7 +232,7 @@ def test_scan_on_a_dispatched_model_equals_the_plain_scan():
         assert a.sqnr_db == b.sqnr_db and a.loss_increase == pytest.approx(b.loss_increase, abs=1e-6)
     after = snapshot(net)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    inputs = hn.scan(net, tok, texts=TEXTS, format="mxfp4", mode="input", end_to_end=False)
+    inputs = hn.scan(net, tok, texts=TEXTS, format="mxfp4", where="input", end_to_end=False)
     assert all(r.sqnr_db < 60 for r in inputs.rows)
 
 

@@ -209,7 +209,7 @@ def test_lm_head_scanned_alone_keeps_the_tied_embedding_clean(model, tok):
 def test_parameters_bit_identical_and_no_hooks_left(tok, mode):
     net = tiny_llama()
     before = snapshot(net)
-    hn.scan(net, tok, format="mxfp4", mode=mode)
+    hn.scan(net, tok, format="mxfp4", where=mode)
     hn.scan_faults(net, tok, None, "bf16", "mxfp4", repeats=2)
     assert bit_identical(net, before)
     for m in net.modules():
@@ -244,7 +244,7 @@ def test_parameters_restored_when_a_pass_raises(tok, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, words", [
     ({"format": "mxfp5"}, ["mxfp5", "mxfp4"]),
-    ({"mode": "output"}, ["output", "weight", "input"]),
+    ({"where": "output"}, ["output", "weight", "input"]),
     ({"texts": []}, ["no calibration texts"]),
     ({"texts": ["   ", ""]}, ["no calibration texts"]),
     ({"thresholds": {"sqnr_db": -5}}, ["sqnr_db", "-5", "[0, 200]"]),

@@ -202,18 +202,18 @@ def test_plan_as_a_weight_format_everywhere(fragile, planned, tmp_path):
     # The joint effect through the Emulation equals the plan's measured point.
     loss, kl = independent_effect(model, batch, lambda: emulation.applied(model))
     assert kl == pytest.approx(planned.plan.chosen_point["kl"], rel=1e-3, abs=1e-6)
-    # emulation.weight_format in the training config accepts the plan file, and refuses a bad one.
+    # emulation.rollout in the training config accepts the plan file, and refuses a bad one.
     from hwnoise.rl.config import ConfigError, TrainConfig
 
-    cfg = TrainConfig.from_dict({"emulation": {"weight_format": str(path)}})
+    cfg = TrainConfig.from_dict({"emulation": {"rollout": f"weights:{path}"}})
     try:
         cfg.validate()
     except ConfigError as err:
-        assert "weight_format" not in str(err), err
+        assert "emulation.rollout" not in str(err), err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"lm_head": "mxfp5"}))
-    with pytest.raises(ConfigError, match="emulation.weight_format.*mxfp5"):
-        TrainConfig.from_dict({"emulation": {"weight_format": str(bad)}}).validate()
+    with pytest.raises(ConfigError, match="emulation.rollout.*mxfp5"):
+        TrainConfig.from_dict({"emulation": {"rollout": f"weights:{bad}"}}).validate()
 
 
 def test_bad_plan_inputs_are_clear_errors(fragile, tmp_path):
