@@ -16,7 +16,7 @@ hwnoise.data.load_problems, hwnoise.models.load, hwnoise.rl):
 - F3: ``hn.evaluate`` clean and under ``relative:1e-4@ops``, ``relative:1e-3@ops``, ``relative:5e-2@ops``
   (operator noise on every matmul; evaluation is forward only): Wilson intervals, exact McNemar,
   paired bootstrap of the drop, hwnoise.eval's robustness class and n_needed.
-- F4: ``hn.AQN(Constant(sigma), layer_types="linear")`` vs ``layer_types="rmsnorm"`` at sigma 0.05 and
+- F4: ``hn.AQN(Constant(sigma), targets="linear")`` vs ``targets="rmsnorm"`` at sigma 0.05 and
   0.005 (one draw, seed 0, held over the whole evaluation) around ``hn.evaluate``; accuracy paired
   with F3's clean run on the same problems, and the mean next-token entropy (nats) of the model on
   its own clean completions (teacher-forced) under each condition.
@@ -450,7 +450,7 @@ def evaluate_runs(model, tokenizer, args, out: Path, log, which=("F3", "F4"), ge
                     if _chunk_records(run_dir, chunk, ["clean"]) is not None:
                         continue
                     log(f"F4: chunk {c + 1}/{len(chunks)}: {name} ({time.perf_counter() - t0:.0f} s)")
-                    aqn = hn.AQN(Constant(sigma), layer_types=layer_types, seed=0)
+                    aqn = hn.AQN(Constant(sigma), targets=layer_types, seed=0)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)  # the linear-sigma warning is the point here
                         with aqn.noisy(model, step=0, total_steps=1):
