@@ -197,22 +197,17 @@ def test_substeps_of_one_step_draw_their_own_noise(model):
             pass
 
 
-# -- the old home, hwnoise.inject ------------------------------------------------------------
+# -- one home: hwnoise.emulation (no old names before a first release) --------------------------
 
 @pytest.mark.parametrize("name", ["Emulation", "EmulationStats", "EMULATION_WHERE"])
-def test_old_inject_names_warn_and_resolve_to_hwnoise_emulation(name):
+def test_emulation_names_live_only_in_hwnoise_emulation(name):
     import importlib
     import sys
 
-    import hwnoise.emulation as new
-    from hwnoise.compat import HwnoiseDeprecationWarning
+    import hwnoise.emulation
 
-    old_package = sys.modules["hwnoise.inject"]  # (hwnoise.inject the attribute is the inject() function)
-    with pytest.warns(HwnoiseDeprecationWarning, match=rf"hwnoise\.inject\.{name} .*hwnoise\.emulation\.{name}"):
-        assert getattr(old_package, name) is getattr(new, name)
-    old_module = importlib.import_module("hwnoise.inject.emulation")
-    with pytest.warns(HwnoiseDeprecationWarning, match=rf"hwnoise\.inject\.emulation\.{name} .*hwnoise\.emulation"):
-        assert getattr(old_module, name) is getattr(new, name)
-    assert name not in vars(old_package) and name not in vars(old_module)  # resolved, not copied
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        old_module.Nope  # noqa: B018
+    assert hasattr(hwnoise.emulation, name)
+    with pytest.raises(AttributeError):
+        getattr(sys.modules["hwnoise.inject"], name)
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("hwnoise.inject.emulation")

@@ -32,7 +32,6 @@ def scan_command(
     model: str = typer.Argument("default", help="Model: 'default' (bundled SmolLM2-135M), an HF directory, a .gguf file or a hub id."),
     fmt: str = typer.Option("mxfp4", "--format", "-f", help="Number format or spec string (mxfp4, nvfp4, mxfp8, 'mxfp4:rceil'). See `hwnoise formats --list`."),
     where: str = typer.Option("weight", "--where", "-w", help="'weight': quantize each module's weights (W4A16-style); 'input': its input activations (W16A4-style)."),
-    mode: str = typer.Option(None, "--mode", "-m", hidden=True, help="Deprecated: use --where (removed in 0.3)."),
     out: Path = typer.Option(Path("hwnoise-out/scan"), "--out", "-o", help="Output directory: scan.json, scan.html, sigma_multipliers.json, PNG plots (written atomically)."),
     faults: bool = typer.Option(False, "--faults", help="Also run the fault scan (gain, kurtosis, instability per decoder layer), bf16 vs --format."),
     texts: Path = typer.Option(None, "--texts", help="Calibration texts: one per line, or GSM8K jsonl (the 'question' field). Default: the built-in set."),
@@ -51,7 +50,6 @@ def scan_command(
 ) -> None:
     """Scan MODEL layer by layer under a number format: which modules break, how badly, what to do."""
     from .. import formats as F
-    from ..compat import REMOVED_IN
     from ..scan import SCAN_EXCLUDE, WHERE, Thresholds, calibration_texts
     from ..scan import scan as run_scan
     from ..scan.calibration import DEFAULT_MAX_LENGTH
@@ -59,12 +57,6 @@ def scan_command(
 
     try:
         F.get(fmt)
-        if mode is not None:
-            if where != "weight" and where != mode:
-                raise ValueError(f"--mode {mode} (deprecated) and --where {where} disagree; give only --where")
-            console.print(f"[yellow]warning:[/] --mode is deprecated; use --where (--mode is removed in hwnoise "
-                          f"{REMOVED_IN})")
-            where = mode
         if where not in WHERE:
             raise ValueError(f"unknown --where {where!r}; known: {', '.join(WHERE)}")
         threshold_values = Thresholds.coerce(_parse_thresholds(thresholds))

@@ -5,7 +5,6 @@ tables, HTML and plots are views, in ``views``); ``scan_faults`` compares gain, 
 instability per decoder layer under two weight formats (``format_a``, ``format_b``).
 """
 
-from ..compat import module_aliases
 from .core import FORMAT_OPTIONS, SCAN_EXCLUDE, WHERE, ResolvedFormat, aggregate_layers, resolve_format, scan
 from .faults import FaultLayer, FaultReport, scan_faults
 from .report import DEFAULT_TIERS, LAYER_METRICS, LayerRow, ModuleRow, Recommendation, ScanReport, Thresholds
@@ -17,5 +16,3 @@ __all__ = [
     "Thresholds", "WHERE", "aggregate_layers", "calibration_texts", "read_texts", "resolve_format", "scan",
     "scan_faults",
 ]
-
-__getattr__ = module_aliases(__name__, {"MODES": "WHERE"})

@@ -10,7 +10,6 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from ..compat import module_aliases, renamed_kwargs
 from ..devices import input_device, place
 from ..formats.fake_quant import options_for, quantize
 from ..formats.registry import FormatSpec, get
@@ -66,7 +65,6 @@ def resolve_format(format, format_options: dict) -> ResolvedFormat:  # noqa: A00
     return ResolvedFormat(spec, axis, **seed)
 
 
-@renamed_kwargs(mode="where")
 def scan(
     model: nn.Module,
     tokenizer,
@@ -287,4 +285,3 @@ def aggregate_layers(rows: Iterable[ModuleRow], thresholds: Thresholds) -> list[
     return out
 
 
-__getattr__ = module_aliases(__name__, {"MODES": "WHERE"})

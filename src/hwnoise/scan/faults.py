@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..compat import renamed_kwargs
 from ..devices import input_device
 from ..formats.fake_quant import quantize
 from ..formats.registry import get
@@ -112,7 +111,6 @@ def _ratio(b: float, a: float) -> float:
     return b / a if a != 0 else (math.inf if b > 0 else 1.0)
 
 
-@renamed_kwargs(config_a="format_a", config_b="format_b")
 def scan_faults(
     model: nn.Module,
     tokenizer,

@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..compat import module_aliases
 from ..formats.registry import get
 from ..io import atomic_write_bytes, json_text, prepare_out_dir
 from .plan import PlanResult
@@ -509,4 +508,3 @@ class ScanReport:
         return directory
 
 
-__getattr__ = module_aliases(__name__, {"METRICS": "LAYER_METRICS"})
