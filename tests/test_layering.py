@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # mechanisms that change a model
     ("inject", "aqn"),
     # the emulation language (one hardware condition), and the process-wide switch on top of inject
-    ("emulation", "autoload"),
+    ("emulation", "autoload", "identity"),
     # what measures a model
     ("scan", "eval"),
     ("rl",),
