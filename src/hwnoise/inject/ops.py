@@ -12,6 +12,13 @@ version whose backward is noisy too. The three GEMM ops and the calls each one t
     grad x   = error(grad_y @ W)                     key (seed, op, "grad_input",  step)
     grad W   = error(grad_y^T @ x)                   key (seed, op, "grad_weight", step)
 
+The noise models accumulation in a GEMM: a call whose contraction sums over nothing (K = 1: an
+outer product such as the RoPE angle table, ``inv_freq_expanded @ position_ids_expanded`` in
+transformers 5.x or ``torch.einsum("i,j->ij", t, inv_freq)`` in vLLM) is exact on hardware too and
+passes clean, forward and backward, without taking a step. K is ``a.shape[-1]`` for the ``a @ b``
+forms and F.linear (in_features), batches x inner for addbmm, and for einsum the product of the
+sizes of the indices summed away.
+
 For ``a @ b`` forms the first operand's gradient is "grad_input" and the second's "grad_weight"
 (an added bias's gradient is clean, as F.linear's). The site is the operator's name and the step
 counts that operator's calls since the block was entered, so a replay of the same program in a
@@ -162,9 +169,16 @@ class _GradNoise(torch.autograd.Function):
         return torch.ops.hwnoise.keyed_noise(grad, step, ctx.mode, ctx.op, ctx.role), None, None, None, None
 
 
-def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, anchors):
+def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, anchors, summed: int = 2):
     """``compute(*args)`` with a noisy result and noisy gradients for ``args[i]``, role r, for
-    ``(i, r)`` in ``grad_slots``. One step per call keys all three draws."""
+    ``(i, r)`` in ``grad_slots``. One step per call keys all three draws.
+
+    ``summed``: the length of the dimension(s) the call sums over (the GEMM's K). The noise models
+    accumulation error, so a contraction that sums nothing (K = 1: an outer product such as a RoPE
+    angle table ``inv_freq @ positions``) is exact on hardware too and runs clean, forward and
+    backward, without taking a step (the draws of the real GEMMs do not shift)."""
+    if summed <= 1:
+        return compute(*args)
     wants_grad = mode.backward and torch.is_grad_enabled() and any(
         isinstance(args[i], torch.Tensor) and args[i].requires_grad for i, _ in grad_slots)
     if not (mode.forward or wants_grad):
@@ -199,9 +213,16 @@ def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, an
 _GEMM_SLOTS = ((0, "grad_input"), (1, "grad_weight"))
 
 
-def _gemm(mode: "NoisyOps", name: str, compute, a, b, extra=()):
-    """``compute(a, b, *extra)`` with a noisy result and noisy gradients for ``a`` and ``b``."""
-    return _noisy_call(mode, name, compute, [a, b, *extra], _GEMM_SLOTS, (a, b))
+def _inner(a) -> int:
+    """K of ``a @ b`` (and of linear/mm/bmm/baddbmm): the last dimension of the first operand."""
+    return int(a.shape[-1]) if isinstance(a, torch.Tensor) and a.dim() > 0 else 1
+
+
+def _gemm(mode: "NoisyOps", name: str, compute, a, b, extra=(), summed=None):
+    """``compute(a, b, *extra)`` with a noisy result and noisy gradients for ``a`` and ``b``
+    (clean when the contraction sums over nothing: ``summed``, default K = ``a.shape[-1]``, is 1)."""
+    summed = _inner(a) if summed is None else summed
+    return _noisy_call(mode, name, compute, [a, b, *extra], _GEMM_SLOTS, (a, b), summed=summed)
 
 
 def _pointwise(mode: "NoisyOps", name: str, compute, x, weight=None):
@@ -249,7 +270,40 @@ def _einsum(mode, name, func, args, kwargs):
     if len(operands) < 2 or not all(isinstance(o, torch.Tensor) for o in operands):
         return func(*args, **kwargs)
     slots = tuple((i, "grad_input" if i == 0 else "grad_weight") for i in range(len(operands)))
-    return _noisy_call(mode, name, lambda *ops: aten.einsum(equation, list(ops)), operands, slots, operands)
+    return _noisy_call(mode, name, lambda *ops: aten.einsum(equation, list(ops)), operands, slots, operands,
+                       summed=_einsum_summed(equation, operands))
+
+
+def _einsum_summed(equation: str, operands) -> int:
+    """The number of products each output element of ``einsum(equation, *operands)`` sums: the
+    product of the sizes of the indices that appear in an input but not in the output (1 for an
+    outer product such as ``"i,j->ij"``, the RoPE table of vLLM). Ellipsis dimensions are summed
+    only when the output leaves them out."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    sizes: dict[str, int] = {}
+    ellipsis = 1
+    for term, operand in zip(terms, operands):
+        letters = term.replace("...", "")
+        if "..." in term:
+            before = term.index("...")
+            n_ell = operand.dim() - len(letters)
+            dims = list(operand.shape)
+            ell_dims = dims[before:before + n_ell]
+            dims = dims[:before] + dims[before + n_ell:]
+            ellipsis = max(ellipsis, math.prod(int(d) for d in ell_dims))
+        else:
+            dims = list(operand.shape)
+        for letter, size in zip(letters, dims):
+            sizes[letter] = max(sizes.get(letter, 1), int(size))
+    if not arrow:  # implicit output: the indices that appear once, in alphabetical order
+        counts = collections.Counter("".join(t.replace("...", "") for t in terms))
+        output = "..." + "".join(sorted(k for k, v in counts.items() if v == 1))
+    summed = math.prod(size for letter, size in sizes.items() if letter not in output)
+    if "..." in inputs and "..." not in output:
+        summed *= ellipsis
+    return summed
 
 
 @register_op("matmul", (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
@@ -278,8 +332,11 @@ def _bmm(mode, name, func, args, kwargs):
     # baddbmm / addbmm: beta * input + alpha * (batch1 @ batch2), summed over the batch for addbmm
     a = _args(args, kwargs, ("input", "batch1", "batch2"), {"beta": 1, "alpha": 1})
     op = aten.baddbmm if func in (torch.baddbmm, torch.Tensor.baddbmm) else aten.addbmm
+    b1 = a["batch1"]
+    # addbmm also sums over the batch: K is batches x inner
+    summed = _inner(b1) * (int(b1.shape[0]) if op is aten.addbmm and b1.dim() == 3 else 1)
     return _gemm(mode, name, lambda b1, b2, c: op(c, b1, b2, beta=a["beta"], alpha=a["alpha"]),
-                 a["batch1"], a["batch2"], (a["input"],))
+                 a["batch1"], a["batch2"], (a["input"],), summed=summed)
 
 
 @register_op("softmax", (F.softmax, torch.softmax, torch.Tensor.softmax))
