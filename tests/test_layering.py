@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the emulation language (one hardware condition), and the process-wide switch on top of inject
     ("emulation", "autoload", "identity"),
     # what measures a model
-    ("scan", "eval"),
+    ("scan", "eval", "mismatch"),
     ("rl",),
     ("integrations",),
     ("cli",),
