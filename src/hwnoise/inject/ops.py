@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ErrorModel, get as get_error, noise_key
-from .keys import StepCounter, perturb, perturb_grad
+from .keys import StepCounter, perturb, perturb_grad, process_rank, process_seed
 from .phases import check_phase, phase_active
 
 aten = torch.ops.aten
@@ -138,7 +138,7 @@ def _(anchors, mode, op):
 def _keyed_noise(t: torch.Tensor, step: torch.Tensor, mode: int, op: str, role: str) -> torch.Tensor:
     """``error.apply(t, key(seed, op, role, step))`` for the mode's error and seed."""
     m = _mode(mode)
-    out = m.error.apply(t, noise_key(m.seed, op, role, int(step)))
+    out = m.error.apply(t, noise_key(m.key_seed, op, role, int(step)))
     return out.clone() if out is t else out  # a custom op may not return its input
 
 
@@ -192,10 +192,10 @@ def _noisy_call(mode: "NoisyOps", name: str, compute, args: list, grad_slots, an
             args = list(args)
             for i, role in grad_slots:
                 if isinstance(args[i], torch.Tensor) and args[i].requires_grad:
-                    args[i] = perturb_grad(args[i], mode.error, noise_key(mode.seed, name, role, step))
+                    args[i] = perturb_grad(args[i], mode.error, noise_key(mode.key_seed, name, role, step))
         y = compute(*args)
         if mode.forward:
-            y = perturb(y, mode.error, noise_key(mode.seed, name, "forward", step))
+            y = perturb(y, mode.error, noise_key(mode.key_seed, name, "forward", step))
         return y
     # Traced by torch.compile: the step comes from an op that runs at run time (one CPU scalar per call).
     step = torch.ops.hwnoise.next_step([a for a in anchors if isinstance(a, torch.Tensor)], mode._id, name)
@@ -449,7 +449,8 @@ def resolve_ops(ops) -> tuple[str, ...]:
 class NoisyOps(TorchFunctionMode):
     """The mode ``noisy_ops`` returns: a context manager; ``stats()`` gives calls per op."""
 
-    def __init__(self, error, ops=DEFAULT_OPS, forward=True, backward=True, seed=0, phase="both", audit=False):
+    def __init__(self, error, ops=DEFAULT_OPS, forward=True, backward=True, seed=0, phase="both", audit=False,
+                 rank=None, replica=-1):
         super().__init__()
         if not isinstance(audit, bool):
             raise ValueError(f"audit must be True or False; got {audit!r}")
@@ -470,6 +471,27 @@ class NoisyOps(TorchFunctionMode):
         self._steps = StepCounter()
         self._passed: collections.Counter | None = collections.Counter() if audit else None
         self._id = next(_NEXT_ID)
+        for what, value, none_ok in (("rank", rank, True), ("replica", replica, True)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1
+                                      or (what == "rank" and value < 0)):
+                raise ValueError(f"{what} must be an integer >= 0 (or None: this process's); got {value!r}")
+        self.rank, self.replica = rank, replica
+        self._key_seed: int | None = None
+
+    @property
+    def key_seed(self) -> int:
+        """The seed the draws are keyed with: ``process_seed(seed, rank, replica)`` (``hwnoise.inject.keys``).
+
+        Resolved at the first draw, not at construction: a vLLM worker learns its rank when it
+        initializes torch.distributed, after the plugin switched the noise on. Cached once the rank
+        is settled (given, torch.distributed initialized, or RANK/LOCAL_RANK set)."""
+        if self._key_seed is not None:
+            return self._key_seed
+        rank, settled = (self.rank, True) if self.rank is not None else process_rank()
+        value = process_seed(self.seed, rank=rank, replica=self.replica)
+        if settled:
+            self._key_seed = value
+        return value
 
     def __repr__(self):
         return (f"noisy_ops({self.error!r}, ops={self.ops!r}, forward={self.forward}, backward={self.backward}, "
@@ -538,12 +560,15 @@ class NoisyOps(TorchFunctionMode):
 
 
 def noisy_ops(error, ops=DEFAULT_OPS, forward: bool = True, backward: bool = True, seed: int = 0,
-              phase: str = "both", audit: bool = False) -> NoisyOps:
+              phase: str = "both", audit: bool = False, rank: int | None = None, replica: int | None = -1) -> NoisyOps:
     """Scoped operator-level noise: ``with noisy_ops(RelativeGaussian(0.05)): loss.backward()``.
 
     error: an error model (``hwnoise.errors``). ops: names from ``ALL_OPS`` or ``"all"``.
     forward / backward: noise on results / on the grad_input and grad_weight GEMMs.
     seed: keys every draw with the op name, role and call count. phase: "both", "rollout", "training".
     audit: also count every torch call that passed through clean (``mode.audit()``).
+    rank / replica: whose draws these are (default: this process's, ``hwnoise.inject.keys.process_seed``):
+    rank 0 without a replica keys with ``seed`` itself, every other rank and replica with its own seed.
     """
-    return NoisyOps(error, ops=ops, forward=forward, backward=backward, seed=seed, phase=phase, audit=audit)
+    return NoisyOps(error, ops=ops, forward=forward, backward=backward, seed=seed, phase=phase, audit=audit,
+                    rank=rank, replica=replica)

@@ -7,8 +7,9 @@ is verl's ``vLLMColocateWorkerExtension`` plus:
 - ``hwnoise_set_state(state)``: called by the trainer (``collective_rpc``) after every weight sync
   and around validation with ``{step, sigma, seed, active, multipliers}``; restores each norm
   weight from its cached fp32 clean copy, then (``active``) writes fresh noise
-  ``cast(clean + sigma * multiplier * N(0, 1))``, drawn from (seed, parameter name, step): every
-  tensor-parallel rank draws the same noise, and a step replays exactly. In place (``copy_``):
+  ``cast(clean + sigma * multiplier * N(0, 1))``, drawn from (seed, replica, parameter name, step):
+  every tensor-parallel rank of a replica draws the same noise, each replica its own
+  (``hwnoise.inject.keys.process_seed``), and a step replays exactly. In place (``copy_``):
   storage stays where vLLM's CUDA graphs expect it.
 - weight syncs: ``update_weights_from_ipc`` re-snapshots the clean copy of only those norms the
   sync really sent (names seen by ``_update_weights``, or a norm whose content is no longer what
@@ -29,6 +30,7 @@ from torch import nn
 from ...aqn import AQN, Constant, LayerMultipliers
 from ...errors import noise_key
 from ...formats import quantize
+from ...inject.keys import process_seed, replica_index
 from ...select import decoder_layer_index, is_rmsnorm
 
 __all__ = ["RolloutNormNoise", "make_worker_extension"]
@@ -49,7 +51,9 @@ def _check_state(state) -> dict:
 class RolloutNormNoise:
     """AQN state of one rollout model: fp32 clean copies of its RMSNorm weights and the last write."""
 
-    def __init__(self):
+    def __init__(self, replica: int | None = -1):
+        # -1: this process's replica (VERL_REPLICA_RANK, which verl sets in each vLLM server actor)
+        self.replica = replica_index() if replica == -1 else replica
         self.clean: dict[str, torch.Tensor] = {}  # fp32 (exact for bf16/fp16 weights)
         self.written: dict[str, torch.Tensor] = {}  # what hwnoise last wrote, in the weight's dtype
         self.state: dict | None = None
@@ -92,7 +96,10 @@ class RolloutNormNoise:
             return {}
         sigma, step, active = float(state["sigma"]), int(state["step"]), bool(state["active"])
         multipliers = LayerMultipliers.coerce(state.get("multipliers"))
-        draw = AQN(Constant(1.0), seed=int(state["seed"]))  # only its seeded (seed, name, step) draw
+        # Keyed by replica, not by TP rank: the norms are replicated on the TP ranks of one replica
+        # and must stay equal there; another replica is another device and draws its own noise.
+        seed = process_seed(int(state["seed"]), rank=0, replica=self.replica)
+        draw = AQN(Constant(1.0), seed=seed)  # only its seeded (seed, name, step) draw
         effective, requested = [], []
         with torch.no_grad():
             for name, weight in self.norm_weights(model).items():
@@ -102,7 +109,7 @@ class RolloutNormNoise:
                     new = clean.to(weight.dtype)
                 else:
                     noisy = clean + scale * draw.standard_noise(name, clean.shape, step, clean.device).to(clean.dtype)
-                    new = self._cast(noisy, weight.dtype, int(state["seed"]), name, step)
+                    new = self._cast(noisy, weight.dtype, seed, name, step)
                     effective.append(float((new.to(clean.dtype) - clean).double().std()))  # what the model sees
                     requested.append(scale)
                 weight.copy_(new)
