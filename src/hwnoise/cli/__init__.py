@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import eval, formats, report, scan, train  # noqa: F401  (registers the commands)
+from . import eval, formats, lm_eval, report, scan, train  # noqa: F401  (registers the commands)
+from . import mismatch  # noqa: F401  (registers `hwnoise mismatch`)
 from .common import app, console
 
 __all__ = ["app", "console"]
