@@ -118,13 +118,14 @@ def test_scan_save_keeps_unrelated_files_and_replaces_its_own(tiny, tmp_path):
 
     out = tmp_path / "o"
     mine = user_files(out)
-    report = hn.scan(tiny, ByteTokenizer(), ["some calibration text"], format="mxfp4", end_to_end=False)
+    report = hn.scan(tiny, ByteTokenizer(), texts=["some calibration text"], format="mxfp4", end_to_end=False)
     (out / "scan.json").write_text("an older scan")
     (out / "scan_end_to_end.png").write_bytes(b"stale plot of an earlier scan")
     report.save(out)
     assert_kept(out, mine)
     assert json.loads((out / "scan.json").read_text())["format"] == "mxfp4"
-    assert not (out / "scan_end_to_end.png").exists()  # its own stale result, not one of the new scan's
+    # not written by this save, so not touched (issue 20 item 3: a save deletes nothing it does not write)
+    assert (out / "scan_end_to_end.png").read_bytes() == b"stale plot of an earlier scan"
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
@@ -198,7 +199,7 @@ def test_scan_save_to_an_existing_file_is_a_clear_error(tiny, tmp_path):
 
     f = tmp_path / "f.txt"
     f.write_text("precious")
-    report = hn.scan(tiny, ByteTokenizer(), ["some calibration text"], format="mxfp4", end_to_end=False)
+    report = hn.scan(tiny, ByteTokenizer(), texts=["some calibration text"], format="mxfp4", end_to_end=False)
     with pytest.raises(ValueError, match="existing file"):
         report.save(f)
     assert f.read_text() == "precious"
@@ -258,7 +259,7 @@ def test_formats_empty_formats_list_is_refused_and_keeps_the_old_result(tmp_path
 def _a_report(tiny):
     import hwnoise as hn
 
-    return hn.scan(tiny, ByteTokenizer(), ["some calibration text"], format="mxfp4", end_to_end=False)
+    return hn.scan(tiny, ByteTokenizer(), texts=["some calibration text"], format="mxfp4", end_to_end=False)
 
 
 @pytest.mark.parametrize("content, words", [

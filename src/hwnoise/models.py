@@ -32,6 +32,7 @@ __all__ = [
     "ensure_converted",
     "gguf_cache_dir",
     "load",
+    "meta_model",
     "resolve",
 ]
 
@@ -156,6 +157,25 @@ def load(
     else:
         model, tokenizer = _load_hf(source, torch_dtype, local_files_only=True, device_map=device_map)
     return _finish(model, tokenizer, spec=text, device=target)
+
+
+def meta_model(spec: str | os.PathLike = "default", cache_dir: str | os.PathLike | None = None):
+    """The model ``spec`` names, built from its config on the meta device: its module names and
+    shapes without reading a weight, so that settings can be checked against it before a load.
+
+    Args:
+        spec: as for ``load``.
+        cache_dir: as for ``load``.
+
+    Example:
+        >>> model = meta_model("default")  # doctest: +SKIP
+        >>> next(model.parameters()).device  # doctest: +SKIP
+        device(type='meta')
+    """
+    source = resolve(spec, cache_dir)
+    config = AutoConfig.from_pretrained(source, local_files_only=isinstance(source, Path))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def resolve(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path | str:

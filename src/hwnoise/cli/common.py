@@ -84,6 +84,14 @@ def _load_model(model: str, device: str = "auto", dtype: str = "auto", device_ma
     from ..models import load
 
     _quiet_third_party_logs()
+    if device_map == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            # accelerate would put every weight on the CPU without a word: say so, and load as --device cpu.
+            _note("--device-map auto spreads a model over the visible GPUs, and this machine has none (no CUDA "
+                  "device): the whole model loads on the CPU, as with --device-map none --device cpu")
+            device_map, device = "none", "cpu"
     with console.status(f"loading {model} ..."):
         try:
             return load(model, device=device, dtype=dtype, device_map=None if device_map == "none" else device_map)
@@ -92,8 +100,19 @@ def _load_model(model: str, device: str = "auto", dtype: str = "auto", device_ma
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    """Print ``message`` as an error and exit 2. The message is text, not rich markup: op lists
+    (``@output[linear]``) and paths keep their brackets."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(message))}")
     raise typer.Exit(code=2)
+
+
+def _note(message: str) -> None:
+    """A one-line note to the user (plain text: brackets are kept)."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]note:[/] {escape(str(message))}")
 
 
 class PlainProgress:
@@ -173,11 +192,15 @@ def _print_wide(renderable, width: int = 150) -> None:
         console.width = saved
 
 
-def _check_out(path, what: str = "--out") -> None:
-    """The output directory of a command, checked before any work starts (exit 2 with a message)."""
-    from ..io import OutputPathError, prepare_out_dir
+def _check_out(path, what: str = "--out", outputs=None, command: str | None = None) -> None:
+    """The output directory of a command, checked before any work starts (exit 2 with a message):
+    one that can be written, holding no file named like one of the command's ``outputs`` that an
+    earlier run of it did not write (``hwnoise.io.check_outputs``, the one output-folder policy)."""
+    from ..io import OutputPathError, check_outputs, prepare_out_dir
 
     try:
         prepare_out_dir(path, what=what)
+        if outputs:
+            check_outputs(path, outputs, command or "this command", what=what)
     except OutputPathError as exc:
         _fail(str(exc))

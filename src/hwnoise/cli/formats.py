@@ -47,7 +47,10 @@ def formats_command(
             F.get(n)
     except ValueError as exc:
         _fail(str(exc))
-    _check_out(out)
+    from ..io import json_with_keys
+
+    _check_out(out, outputs={"formats.json": json_with_keys("model", "layers", "formats")},
+               command="hwnoise formats")
 
     from ..models import DEFAULT_MODEL_NOTE
 

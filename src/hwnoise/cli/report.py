@@ -19,7 +19,10 @@ def report_command(
     """Compare training runs: configuration, final and best held-out accuracy with intervals, delta vs the baseline."""
     from ..rl.runs import runs_table, summarize_runs, write_runs_report
 
-    _check_out(out)
+    from ..io import json_with_keys, text_starting
+
+    _check_out(out, outputs={"runs.json": json_with_keys("runs", "baseline", "metric"), "runs.md": text_starting("# Runs (")},
+               command="hwnoise report")
     try:
         summary = summarize_runs(run_dirs, baseline=baseline, metric=metric)
     except ValueError as exc:

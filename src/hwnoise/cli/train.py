@@ -41,18 +41,19 @@ def train_command(
     _check_out(cfg.run_dir, what="--out" if run_dir is not None else "run_dir")
     try:
         checkpoint = preflight(cfg, resume)  # before any weight loads
-    except ConfigError as exc:
+    except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:
         _fail(str(exc))
     done = finished_at(checkpoint)
     if done is not None:
         console.print(f"{cfg.run_dir}: this run already finished (step {done[0]} of {done[1]}, {checkpoint}); "
-                      "nothing to train. To train further, start a new run with more steps.")
+                      "nothing to train. To train further, start a new run with more steps.", markup=False)
         return
 
     from ..rl import train
 
     _quiet_third_party_logs()
     t0 = time.perf_counter()
+    started = time.time() - 1  # file times have coarse resolution on some filesystems
     evals = []
 
     with progress_bar(transient=False) as progress:
@@ -106,5 +107,21 @@ def train_command(
         for step, strict, flexible, n in evals:
             table.add_row(str(step), f"{strict:.1f}", f"{flexible:.1f}", str(n))  # points already
         console.print(table)
-    console.print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {out}/ (run.json, evals.jsonl, "
-                  f"hwnoise_config.yaml, tensorboard/)")
+    wrote = _written_since(Path(out), started)
+    console.print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {out}/ ({', '.join(wrote) or 'nothing'})",
+                  markup=False, highlight=False)
+
+
+def _written_since(run_dir: Path, since: float) -> list[str]:
+    """The entries of ``run_dir`` this run wrote (created or changed since ``since``): the closing line
+    names those only, not every file a run may write."""
+    out = []
+    for path in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        changed = path.stat().st_mtime >= since
+        if path.is_dir():
+            changed = changed or any(p.stat().st_mtime >= since for p in path.rglob("*"))
+        if changed:
+            out.append(path.name + ("/" if path.is_dir() else ""))
+    return out

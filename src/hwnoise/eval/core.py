@@ -21,20 +21,31 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compat import module_aliases
 from ..devices import place
 from ..emulation import Emulation
-from ..io import atomic_write_json, prepare_out_dir
+from ..identity import DEFAULT_ENGINE, IDENTITY_KEYS, identity_differences, run_identity
+from ..io import atomic_write_json, check_outputs, is_hwnoise_png, json_with_keys, jsonl_with_keys, prepare_out_dir
 from ..rewards import extract_answer, is_correct
-from .generate import build_prompts, generate_greedy
+from ..engines import evaluation_engine
+from .generate import build_prompts
 from .report import ANSWER_METRICS, EvalReport, SettingResult
 
-__all__ = ["EVAL_RUN_FILE", "RECORDS_FILE", "EvalProblem", "check_problems", "evaluate", "parse_settings", "read_records"]
+__all__ = ["EVAL_OUTPUTS", "EVAL_RUN_FILE", "RECORDS_FILE", "EvalProblem", "check_problems", "check_settings", "evaluate", "parse_settings", "read_records"]
 
 EVAL_RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
+# What `hwnoise eval` / ``evaluate(out=...)`` write into their folder, each with the test that tells
+# an earlier evaluation's file (hwnoise.io.check_outputs): anything else of these names is refused.
+EVAL_OUTPUTS = {
+    "eval.json": json_with_keys("settings", "comparisons", "max_new_tokens"),
+    "eval.png": is_hwnoise_png,
+    RECORDS_FILE: jsonl_with_keys("setting", "problem_id"),
+    EVAL_RUN_FILE: json_with_keys("settings", "problems_sha256"),
+}
 REQUIRED_FIELDS = ("id", "question", "gold")
-HEADER_FIELDS = ("model", "settings", "seed", "batch_size", "max_new_tokens", "problems", "problems_sha256",
+# The run's identity (hwnoise.identity: model, settings, plan contents, dtype, device, engine) and what
+# else the records depend on; a rerun must match every one of them to reuse a record.
+HEADER_FIELDS = (*IDENTITY_KEYS, "seed", "batch_size", "max_new_tokens", "problems", "problems_sha256",
                  "hwnoise_version")
 
 
@@ -107,12 +118,71 @@ def _model_name(model, model_name: str | None) -> str:
     return str(getattr(config, "_name_or_path", None) or type(model).__name__)
 
 
-def _header(model_name, settings, seed, batch_size, max_new_tokens, problems) -> dict:
+def _header(model_name, settings, seed, batch_size, max_new_tokens, problems, *, dtype: str = "fp32",
+            device: str = "cpu", engine: str = DEFAULT_ENGINE) -> dict:
     from .. import __version__  # the top-level package defines it (a module-level import would be circular)
 
-    return {"model": model_name, "settings": [s.spec for s in settings], "seed": seed, "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens, "problems": len(problems), "problems_sha256": _problems_hash(problems),
-            "hwnoise_version": __version__}
+    return {**run_identity(model_name, settings, dtype=dtype, device=device, engine=engine), "seed": seed,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "problems": len(problems),
+            "problems_sha256": _problems_hash(problems), "hwnoise_version": __version__}
+
+
+def check_settings(model, settings, seed: int = 0) -> None:
+    """Resolve every setting against ``model`` before anything is generated: each is applied once
+    (and undone at once), so a target, layer range, exclude or plan that does not fit this model is
+    a ValueError naming the setting, before the first (clean) completion rather than after it.
+    ``model`` may be a meta-device build (``hwnoise.models.meta_model``): then the selections are
+    checked before any weight is read.
+
+    Args:
+        model: the loaded model the settings will run on.
+        settings: ``Emulation``s or spec strings.
+        seed: the evaluation's seed (the noise drawn here is thrown away with the block).
+
+    Example:
+        >>> from tests._scan_models import tiny_llama  # doctest: +SKIP
+        >>> check_settings(tiny_llama(), ["weights:mxfp4+targets:layers.99"])  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: setting 'weights:mxfp4+targets:layers.99' does not fit this model: layers [99] ...
+    """
+    import torch
+
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    for setting in parse_settings(settings):
+        if setting.is_clean:
+            continue
+        _check_plan_modules(model, setting)
+        try:
+            with torch.no_grad(), setting.applied(model, seed=seed, step=0):
+                pass
+        except ValueError as err:
+            raise ValueError(f"setting {setting.spec!r} does not fit this model: {err}") from None
+        except (RuntimeError, NotImplementedError):
+            if not on_meta:
+                raise
+            # A meta model (``hwnoise.models.meta_model``) has shapes, no numbers: every module was
+            # selected when the numerics (quantizing a weight) failed; the loaded model checks those.
+
+
+def _check_plan_modules(model, setting: Emulation) -> None:
+    """A plan entry for a module without a weight of its own (a decoder layer, an attention block)
+    would quantize nothing there: refused, naming the entries and what a plan names."""
+    import torch
+
+    from ..plans import WeightPlan, is_plan_spec
+
+    for value in (getattr(setting, "weight_format", None), getattr(setting, "input_format", None)):
+        if value is None or not is_plan_spec(value):
+            continue
+        plan = WeightPlan.coerce(value)
+        modules = dict(model.named_modules())
+        weightless = [name for name, _ in plan.formats
+                      if name in modules and not isinstance(modules[name]._parameters.get("weight"), torch.Tensor)]
+        if weightless:
+            raise ValueError(f"setting {setting.spec!r}: the plan names {', '.join(weightless[:5])}"
+                             f"{' ...' if len(weightless) > 5 else ''}, a module without a weight of its own "
+                             "(a decoder layer or block?); a plan names linear modules, e.g. "
+                             "model.layers.0.mlp.down_proj (as `hwnoise scan --plan` writes it)")
 
 
 def _prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
@@ -126,9 +196,9 @@ def _prepare_dir(out: Path, header: dict, overwrite: bool) -> None:
             old = json.loads(run.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{run} is not a run header ({exc}); use a new --out or --overwrite") from None
-        differ = [k for k in HEADER_FIELDS if old.get(k) != header[k]]
+        differ = identity_differences(old, header, HEADER_FIELDS)
         if differ:
-            detail = "; ".join(f"{k}: {old.get(k)!r} there, {header[k]!r} now" for k in differ)
+            detail = "; ".join(differ)
             raise ValueError(f"{out} holds a different run ({detail}); it cannot be resumed with these options: "
                              f"use a new --out or --overwrite (overwrite=True)")
     elif records.exists() and records.stat().st_size:
@@ -179,7 +249,8 @@ def _record(setting_spec: str, problem: EvalProblem, prompt_text: str, completio
 def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 256, seed: int = 0, *, metric: str = "strict", out: str | os.PathLike | None = None,
              overwrite: bool = False, on_progress: Callable[[str, int, int], None] | None = None,
-             model_name: str | None = None, data_name: str | None = None, device=None, dtype=None) -> EvalReport:
+             model_name: str | None = None, data_name: str | None = None, device=None, dtype=None,
+             engine: str = DEFAULT_ENGINE) -> EvalReport:
     """Evaluate ``model`` on ``problems`` clean and under each of ``settings``; return an ``EvalReport``.
 
     problems: ``hwnoise.data.Problem``s (or mappings with id, question, gold); ``n`` keeps the first n.
@@ -191,8 +262,11 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     the report gives both. out: a directory for ``run.json`` and the per-problem ``records.jsonl``
     (written as each batch finishes; a rerun resumes from them); ``overwrite`` starts it afresh.
     on_progress(setting_label, done, total) is called as batches finish. device, dtype: move / cast
-    the model first (in place; None leaves it as it is, a model spread by a device map too). Bad input
-    raises ValueError before anything is generated.
+    the model first (in place; None leaves it as it is, a model spread by a device map too). engine:
+    what generates, part of the run's identity ("hf": transformers). Bad input, a setting that does
+    not fit the model included (``check_settings``), raises ValueError before anything is generated
+    or written. ``run.json`` holds the run's identity (``hwnoise.identity``: the plans by content, the
+    dtype and device the model really has); a rerun into ``out`` with another one is refused.
     """
     import torch
 
@@ -204,9 +278,19 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
     if metric not in ANSWER_METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(ANSWER_METRICS)}")
     emulations = parse_settings(settings)
-    place(model, device, dtype)
+    given = model
+    gen = evaluation_engine(engine, model, tokenizer, seed=seed, dtype=dtype)  # ValueError: unknown engine
+    gen.check(emulations)  # what the engine cannot apply is refused by name (vLLM: before it starts)
+    if engine == DEFAULT_ENGINE:
+        place(model, device, dtype)
+    else:  # vLLM: the settings resolve on the engine's meta-device reference model
+        model, tokenizer = gen.reference, gen.tokenizer
+        model_name = model_name or gen.spec
+    check_settings(model, emulations, seed)  # every setting against this model, before any work
     name = _model_name(model, model_name)
-    header = _header(name, emulations, seed, batch_size, max_new_tokens, checked)
+    placed_dtype, placed_device = gen.placement()
+    header = _header(name, emulations, seed, batch_size, max_new_tokens, checked, dtype=placed_dtype,
+                     device=placed_device, engine=engine)
 
     records: dict[tuple[str, str], dict] = {}
     seconds: dict[str, float] = {}
@@ -215,11 +299,14 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
         sink = None
         if out is not None:
             out = prepare_out_dir(out, what="out")  # an existing file or a read-only directory: ValueError
+            check_outputs(out, EVAL_OUTPUTS, "hwnoise eval", what="out")  # a file of the same name not ours
             out.mkdir(parents=True, exist_ok=True)
             _prepare_dir(out, header, overwrite)
             records = read_records(out / RECORDS_FILE, repair=True)
             sink = stack.enter_context(open(out / RECORDS_FILE, "a", encoding="utf-8"))
         stack.callback(model.train, was_training)
+        if gen is not given:  # an engine evaluate started for itself is shut down with it
+            stack.callback(gen.close)
         model.eval()
         prompts = build_prompts(tokenizer, [p.question for p in checked])
         batches = [range(i, min(i + batch_size, len(checked))) for i in range(0, len(checked), batch_size)]
@@ -233,8 +320,8 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
                 missing = [i for i in batch if (spec, checked[i].id) not in records]
                 if not missing:
                     continue
-                with torch.no_grad(), setting.applied(model, seed=seed, step=step):
-                    completions = generate_greedy(model, tokenizer, [prompts[i] for i in batch], max_new_tokens)
+                with torch.no_grad(), gen.applied(setting, seed=seed, step=step):
+                    completions = gen.generate([prompts[i] for i in batch], max_new_tokens)
                 for i in missing:  # records written before a kill stay; the recomputed ones are identical
                     r = _record(spec, checked[i], prompts[i].text, completions[i - batch.start])
                     records[(spec, checked[i].id)] = r
@@ -254,4 +341,3 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
                       max_new_tokens=max_new_tokens, metric=metric, settings=results, seconds=seconds)
 
 
-__getattr__ = module_aliases(__name__, {"RUN_FILE": "EVAL_RUN_FILE"})

@@ -13,16 +13,80 @@ import json
 import time
 from pathlib import Path
 
-from ..compat import module_aliases
 from .config import ConfigError, TrainConfig, aqn_schedule
 
-__all__ = ["CONFIG_FILE", "TRAIN_RUN_FILE", "build_trainer", "check_model_structure", "finished_at", "latest_checkpoint",
+__all__ = ["CONFIG_FILE", "IDENTITY_FILE", "TRAIN_RUN_FILE", "build_trainer", "run_identity_of", "train_outputs", "check_model_structure", "finished_at", "latest_checkpoint",
            "preflight", "train"]
 
 CONFIG_FILE = "hwnoise_config.yaml"
 TRAIN_RUN_FILE = "run.json"
-__getattr__ = module_aliases(__name__, {"RUN_FILE": "TRAIN_RUN_FILE"})
 TENSORBOARD_DIR = "tensorboard"
+IDENTITY_FILE = "identity.json"
+EVALS_DIR = "evals"
+
+
+def train_outputs() -> dict:
+    """What a run writes into its run directory, each with the test that tells an earlier run's
+    file (``hwnoise.io.check_outputs``). TRL's model card (README.md) is not among them: hwnoise
+    turns it off (run.json describes the run), so a user's README.md is never replaced."""
+    from ..io import is_directory, json_with_keys, jsonl_with_keys, text_starting
+    from .callbacks import EVALS_FILE
+
+    return {
+        TRAIN_RUN_FILE: json_with_keys("status", "steps"),
+        CONFIG_FILE: _is_train_config,
+        IDENTITY_FILE: json_with_keys("model", "settings", "plans", "dtype", "device", "engine"),
+        EVALS_FILE: jsonl_with_keys("step", "report"),
+        EVALS_DIR: is_directory,
+        TENSORBOARD_DIR: is_directory,
+    }
+
+
+def _is_train_config(path) -> bool:
+    try:
+        TrainConfig.from_yaml(path)
+    except Exception:  # noqa: BLE001  (anything that is not a config this version reads)
+        return False
+    return True
+
+
+def _holds_run(run_dir: Path) -> str | None:
+    """A description of the training run ``run_dir`` holds (its files or checkpoints), else None."""
+    if not run_dir.is_dir():
+        return None
+    run_file = run_dir / TRAIN_RUN_FILE
+    described = None
+    if run_file.is_file():
+        try:
+            data = json.loads(run_file.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "status" in data:
+                described = f"a {data['status']} run, step {data.get('steps')} of {data.get('max_steps')}"
+        except (OSError, ValueError):
+            pass
+    checkpoint = latest_checkpoint(run_dir)
+    if described is None and (checkpoint or (run_dir / CONFIG_FILE).is_file()):
+        described = "a run" + (f" with checkpoints up to {Path(checkpoint).name}" if checkpoint else "")
+    return described
+
+
+def run_identity_of(config: TrainConfig) -> dict:
+    """The run's identity (``hwnoise.identity``): model, the per-phase emulation specs, the plans they
+    use by content, the dtype (bf16 or fp32 as the Trainer will resolve it), the device and the
+    rollout engine. A resume must match it."""
+    from ..identity import run_identity
+
+    device = config.resolved_device()
+    settings = [config.emulation_for(phase) for phase in ("rollout", "training")]
+    return run_identity(config.model, settings, dtype="bf16" if _resolved_bf16(config, device) else "fp32",
+                        device=device.split(":")[0], engine="vllm" if config.use_vllm else "hf")
+
+
+def _resolved_bf16(config: TrainConfig, device: str) -> bool:
+    if config.bf16 is not None:
+        return bool(config.bf16)
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 # -- checks that need the model's structure, not its weights -----------------------------------------
@@ -30,27 +94,31 @@ TENSORBOARD_DIR = "tensorboard"
 
 def _meta_model(spec: str):
     """The model built from its config on the meta device: module names without loading weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ..models import meta_model
 
-    from ..models import resolve
-
-    source = resolve(spec)
-    config = AutoConfig.from_pretrained(source, local_files_only=isinstance(source, Path))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return meta_model(spec)
 
 
 def check_model_structure(config: TrainConfig, model=None) -> None:
-    """LoRA targets that match no module, AQN multipliers for layers the model lacks: ConfigError.
+    """LoRA targets that match no module, AQN multipliers for layers the model lacks, an emulation
+    spec that selects nothing in the model or a plan for another model: ConfigError.
 
     ``model`` None: the model is built on the meta device from its config (no weights read).
     """
-    if config.finetune != "lora" and (not config.aqn.enabled or config.aqn.multipliers is None):
+    phases = [(phase, config.emulation_for(phase)) for phase in ("rollout", "training")]
+    phases = [(phase, e) for phase, e in phases if not e.is_clean]
+    if config.finetune != "lora" and (not config.aqn.enabled or config.aqn.multipliers is None) and not phases:
         return
     if model is None:
         model = _meta_model(config.model)
     problems = []
+    from ..eval.core import check_settings
+
+    for phase, emulation in phases:  # targets, layer ranges, excludes, a plan for another model
+        try:
+            check_settings(model, [emulation], config.seed)
+        except ValueError as err:
+            problems.append(f"emulation.{phase}: {err}")
     names = [name for name, _ in model.named_modules() if name]
     if config.finetune == "lora":
         leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
@@ -138,11 +206,7 @@ def _grpo_config(config: TrainConfig, device: str, *, progress: bool = True, **e
 
     a, log = config.algorithm, config.logging
     cpu = device == "cpu"
-    bf16 = config.bf16
-    if bf16 is None:
-        import torch
-
-        bf16 = (not cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = _resolved_bf16(config, device)
     report_to = [r for r in log.report_to if r != "none"] or "none"
     import dataclasses
 
@@ -255,9 +319,16 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
         batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, seed=config.eval_seed,
         on_eval=on_eval, model_name=config.model, data_name=config.data.eval or config.data.train,
     ))
+    # TRL writes a model card (README.md) into the run directory at each checkpoint: not one of the
+    # run's outputs (run.json describes the run), and it would replace a README.md of the user's.
+    trainer.create_model_card = _no_model_card
     trainer.hwnoise_config = config
     trainer.eval_problems = eval_problems
     return trainer
+
+
+def _no_model_card(*args, **kwargs) -> None:
+    return None
 
 
 def _refuse_sharded_parameters(trainer) -> None:
@@ -300,18 +371,41 @@ def _resolve_resume(resume, run_dir) -> str | None:
             raise ConfigError(f"--resume latest: no checkpoint-N directory in {str(run_dir)!r} "
                               "(set logging.save_steps to save checkpoints)")
         return found
-    if not Path(resume).is_dir():
-        raise ConfigError(f"--resume: no checkpoint directory {str(resume)!r}")
-    return str(resume)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume: no checkpoint directory {str(resume)!r}; give a checkpoint-N directory of a "
+                          "run, or 'latest' (the newest one in run_dir)")
+    if not (path / "trainer_state.json").is_file():
+        inside = latest_checkpoint(path)
+        hint = (f" (it is a run directory: its newest checkpoint is {inside!r}; or use --resume latest with --out "
+                f"{str(path)!r})" if inside else "")
+        raise ConfigError(f"--resume {str(resume)!r} is not a checkpoint: it holds no trainer_state.json; give a "
+                          f"checkpoint-N directory that a run saved (logging.save_steps), or 'latest'{hint}")
+    return str(path)
 
 
 def preflight(config: TrainConfig, resume=None, model=None) -> str | None:
     """Every check that needs no weights: the config, the checkpoint to resume (returned; None for a
-    fresh run) and its config, LoRA targets and multiplier layers against the model's structure."""
+    fresh run) and the config and identity of the run that saved it, the run directory (a fresh run
+    into a folder holding a run is refused, and so is a file there named like an output that no run
+    wrote), LoRA targets, multiplier layers and emulation specs against the model's structure."""
+    from ..io import OutputPathError, check_outputs
+
     _ensure_valid(config)
-    checkpoint = _resolve_resume(resume, Path(config.run_dir))
+    run_dir = Path(config.run_dir)
+    checkpoint = _resolve_resume(resume, run_dir)
     if checkpoint is not None:
-        _check_resume_config(config, Path(config.run_dir))
+        _check_resume_config(config, Path(checkpoint).parent)  # the run that saved the checkpoint
+    held = _holds_run(run_dir)
+    resumes_here = checkpoint is not None and Path(checkpoint).resolve().parent == run_dir.resolve()
+    if held is not None and not resumes_here:
+        what = "a fresh run" if checkpoint is None else f"a run resumed from {checkpoint!r}"
+        raise ConfigError(f"run_dir {str(run_dir)!r} already holds {held}; {what} would replace its run.json, "
+                          f"config and evaluations. Continue it with --resume latest, or give another --out")
+    try:
+        check_outputs(run_dir, train_outputs(), "hwnoise train", what="run_dir")
+    except OutputPathError as err:
+        raise ConfigError(str(err)) from None
     _ensure_structure(config, model)
     return checkpoint
 
@@ -322,6 +416,20 @@ _RESUME_MAY_CHANGE = ("run_dir", "logging.", "eval.")
 
 
 def _check_resume_config(config: TrainConfig, run_dir: Path) -> None:
+    """The config and identity saved by the run in ``run_dir`` (the checkpoint's run) against these."""
+    from ..identity import check_same_identity
+
+    identity_path = run_dir / IDENTITY_FILE
+    if identity_path.is_file():
+        try:
+            stored = json.loads(identity_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--resume: {identity_path} is not readable ({err})") from None
+        try:
+            check_same_identity(stored, run_identity_of(config), str(run_dir),
+                                "start a new run (another --out) instead of resuming this one")
+        except ValueError as err:
+            raise ConfigError(f"--resume: {err}") from None
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         return
@@ -346,7 +454,7 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
     leaves every file as it is: the run directory is returned at once. progress: False turns the
     Trainer's own tqdm bar off (``hwnoise train`` draws its own); no global setting is touched.
     """
-    from ..report import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json, atomic_write_text
     from .callbacks import read_evals
 
     run_dir = Path(config.run_dir)
@@ -356,7 +464,9 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
     t0 = time.perf_counter()
     trainer = build_trainer(config, model, tokenizer, reward_funcs=reward_funcs, callbacks=callbacks,
                             on_eval=on_eval, progress=progress)
+    identity = run_identity_of(config)
     atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+    atomic_write_json(run_dir / IDENTITY_FILE, identity)
     if trainer_hook is not None:
         trainer_hook(trainer)
     status, error = "failed", None
@@ -373,6 +483,7 @@ def train(config: TrainConfig, *, resume=None, model=None, tokenizer=None, rewar
         if trainer.is_world_process_zero():
             atomic_write_json(run_dir / TRAIN_RUN_FILE, {
                 "config": config.to_dict(),
+                "identity": identity,
                 "status": status,
                 "error": error,
                 "steps": trainer.state.global_step,
