@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import eval, formats, lm_eval, report, scan, train  # noqa: F401  (registers the commands)
+from . import mismatch  # noqa: F401  (registers `hwnoise mismatch`)
 from .common import app, console
 
 __all__ = ["app", "console"]

@@ -164,8 +164,9 @@ def rank(settings: list[dict], rank_by: str) -> list[dict]:
 
 
 def flatten(samples: Samples, scores: list[dict], batches: list, mode: str) -> dict[str, np.ndarray]:
-    """Flat per-token arrays over every scored row: log rho, exact KL, position, prompt, sequence."""
-    log_rho, kl, pos, prompt, seq = [], [], [], [], []
+    """Flat per-token arrays over every scored row (in row order, then position): log rho, exact KL,
+    completion position, prompt, sequence (row), and the two sides' log-probabilities."""
+    log_rho, kl, pos, prompt, seq, lp_t, lp_r = [], [], [], [], [], [], []
     row = 0
     for batch, sc in zip(batches, scores):
         valid = batch.valid
@@ -178,6 +179,8 @@ def flatten(samples: Samples, scores: list[dict], batches: list, mode: str) -> d
             else:
                 roll = sc["rollout"][r][v].double().numpy()
             log_rho.append(train - roll)
+            lp_t.append(train)
+            lp_r.append(roll)
             kl.append(sc["kl"][r][v].double().numpy())
             pos.append(positions[r][v].numpy())
             prompt.append(np.full(int(v.sum()), samples.prompt_index[row]))
@@ -185,7 +188,7 @@ def flatten(samples: Samples, scores: list[dict], batches: list, mode: str) -> d
             row += 1
     cat = np.concatenate
     return {"log_rho": cat(log_rho), "kl": cat(kl), "position": cat(pos).astype(int), "prompt": cat(prompt).astype(int),
-            "sequence": cat(seq).astype(int)}
+            "sequence": cat(seq).astype(int), "training_logp": cat(lp_t), "rollout_logp": cat(lp_r)}
 
 
 def mismatch(model, tokenizer, rollouts, *, training="clean", prompts="arith", n: int | None = None,
