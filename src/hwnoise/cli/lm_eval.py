@@ -52,6 +52,21 @@ def lm_eval_command(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tasks are offline unless the user says otherwise
     _check_out(out)
+    try:  # the checks that need no lm-eval first: a typo is reported in a second, not after its import
+        from ..emulation import Emulation
+
+        for spec in setting or []:
+            Emulation.parse(spec)
+        _gen_kwargs(gen_kwargs)
+        if gsm8k_path is not None and not Path(gsm8k_path).expanduser().is_file():
+            raise ValueError(f"--gsm8k-path {gsm8k_path!r} is not a file; give a GSM8K-format .jsonl "
+                             "(one {\"question\": ..., \"answer\": \"... #### N\"} per line)")
+        for name, value, low in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0), ("--batch-size", batch_size, 1),
+                                 ("--threads", threads, 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}; got {value}")
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         from ..integrations.lm_eval import build_report, plan_lm_eval, run_pairs, save_report, table
     except ImportError as exc:
@@ -62,8 +77,6 @@ def lm_eval_command(
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     try:
-        if threads is not None and threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {threads}")
         plan = plan_lm_eval(model, tasks, setting, out, limit=limit, num_fewshot=num_fewshot,
                             gen_kwargs=_gen_kwargs(gen_kwargs), batch_size=batch_size, seed=seed,
                             include_paths=include_path or (), gsm8k_path=gsm8k_path, dtype=dtype,

@@ -146,7 +146,7 @@ def plan_lm_eval(model_name: str, tasks, settings, out: str | os.PathLike, *, li
         out.mkdir(parents=True, exist_ok=True)
         write_gsm8k_task(out / "tasks", gsm8k)
         includes.append(out / "tasks")
-    manager = build_task_manager(includes)
+    manager = build_task_manager(includes, names)
     known = set(manager.all_tasks)
     unknown = [t for t in names if t not in known]
     if unknown:
