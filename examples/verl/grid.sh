@@ -44,7 +44,11 @@ NOISE=(+trainer.hwnoise.emulation=relative:0.05@ops actor_rollout_ref.rollout.en
 AQN=("$R.aqn.enabled=true" "$R.aqn.schedule=epoch_aware" "$R.aqn.sigma_start=0.01" "$R.aqn.sigma_end=0.0005"
      "$R.aqn.stages=5")
 LORA=(actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=64
-      actor_rollout_ref.model.target_modules=all-linear actor_rollout_ref.rollout.load_format=safetensors)
+      actor_rollout_ref.model.target_modules=all-linear)
+# LoRA syncs only adapters after the base is in vLLM (verl's base_sync_done). With a weight format
+# the base must pass hwnoise's stream once: load_format=dummy (vLLM starts empty, the first sync
+# sends the base, quantized; the adapters stay unquantized, as in QLoRA). Without one, vLLM may
+# load the base itself (safetensors, faster). hwnoise refuses a weight format with safetensors.
 
 VARIANT=${RUN%-lora}
 case "$VARIANT" in
@@ -58,7 +62,13 @@ case "$VARIANT" in
   *) echo "unknown run '$RUN'; known: clean noise5 noise5-aqn mxfp4 mxfp4-aqn nvfp4 nvfp4-aqn (each also -lora)" >&2
      exit 2 ;;
 esac
-[[ "$RUN" == *-lora ]] && H+=("${LORA[@]}")
+if [[ "$RUN" == *-lora ]]; then
+  H+=("${LORA[@]}")
+  case "$VARIANT" in
+    mxfp4*|nvfp4*) H+=(actor_rollout_ref.rollout.load_format=dummy) ;;
+    *)             H+=(actor_rollout_ref.rollout.load_format=safetensors) ;;
+  esac
+fi
 
 CMD=(python -m hwnoise.integrations.verl.main_ppo "${BASE[@]}" "${H[@]}" "$@")
 if [[ -n "${PRINT:-}" ]]; then

@@ -73,6 +73,40 @@ class FakeCheckpointManager:
         self.calls.append(("sleep_replicas",))  # sleep level 1: the engine keeps its (noisy) weights
 
 
+class FakeEngine:
+    """vLLM's AsyncLLM as verl's server holds it: collective_rpc runs ``method`` in every worker and
+    returns their results; reset_prefix_cache drops cached KV blocks."""
+
+    def __init__(self, workers, log):
+        self.workers, self.log = workers, log
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.log.append((method, (kwargs or {}).get("state")))
+        return [getattr(w, method)(*args, **(kwargs or {})) for w in self.workers]
+
+    async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        self.log.append(("reset_prefix_cache", None))
+        return True
+
+
+class FakeServer:
+    """verl's vLLMHttpServer actor: ``engine`` only on node rank 0 (other nodes run headless); its
+    own ``collective_rpc`` discards the workers' results (vllm_async_server.py:249-261)."""
+
+    def __init__(self, workers, log, node_rank=0):
+        self.node_rank = node_rank
+        if node_rank == 0:
+            self.engine = FakeEngine(workers, log)
+        self.__ray_call__ = SimpleNamespace(remote=lambda fn, *args: fn(self, *args))  # Ray runs fn(actor, ...)
+        self.collective_rpc = SimpleNamespace(remote=self._collective_rpc)
+
+    def _collective_rpc(self, method, kwargs=None, **_):
+        import asyncio
+
+        asyncio.run(self.engine.collective_rpc(method, kwargs=kwargs))  # AttributeError when headless, as verl's
+        return None
+
+
 def verl_config(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
@@ -86,12 +120,7 @@ def make_trainer(lora):
     actor, engine = tiny_llama(), tiny_llama()
     engine.load_state_dict(actor.state_dict())
     worker = make_worker_extension(FakeVllmWorker)(engine)
-    rpc_log = []
-
-    def collective_rpc(method, kwargs):
-        rpc_log.append((method, kwargs["state"]))
-        return getattr(worker, method)(**kwargs)  # what vLLM runs in each worker process
-
+    engine_log = []
     trainer = HwnoiseTrainer.__new__(HwnoiseTrainer)
     trainer.config = config
     trainer.hwnoise = validate(config)
@@ -99,9 +128,12 @@ def make_trainer(lora):
     trainer.global_steps, trainer.total_training_steps, trainer.steps_per_epoch = 0, STEPS, STEPS_PER_EPOCH
     trainer.timing_raw, trainer.curr_step_profile = {}, False
     trainer.checkpoint_manager = FakeCheckpointManager(actor, worker, lora)
-    server = SimpleNamespace(collective_rpc=SimpleNamespace(remote=collective_rpc))
-    trainer.llm_server_manager = SimpleNamespace(get_replicas=lambda: [SimpleNamespace(servers=[server])])
-    return trainer, actor, engine, rpc_log
+    trainer.hwnoise_engine_metrics = {}
+    # a two-node replica: the second node's server is headless
+    servers = [FakeServer([worker], engine_log), FakeServer([], engine_log, node_rank=1)]
+    trainer.llm_server_manager = SimpleNamespace(get_replicas=lambda: [SimpleNamespace(servers=servers)])
+    trainer.engine_log = engine_log
+    return trainer, actor, engine, [(m, s) for m, s in engine_log if m == "hwnoise_set_state"]
 
 
 def norms(model):
@@ -118,7 +150,7 @@ def train_step(actor, step, lora):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full-syncs", "adapter-only-syncs"])
 def test_six_steps_with_validation(lora):
-    trainer, actor, engine, rpc_log = make_trainer(lora)
+    trainer, actor, engine, _ = make_trainer(lora)
     trainer.on_init_end()  # verl: weights synced after loading the checkpoint
     trainer.global_steps = 1
     trainer.on_train_begin()
@@ -141,6 +173,12 @@ def test_six_steps_with_validation(lora):
         trainer.on_step_end()
         metrics = trainer._consume_sync_metrics()
         assert metrics["hwnoise/aqn/sigma"] == pytest.approx(sigma) and metrics["hwnoise/aqn/step"] == step
+        # measured in the engine, for this step's rollout (issue 23, 5)
+        if sigma == 0:
+            assert metrics["hwnoise/aqn/effective_std"] == 0.0
+        else:
+            assert metrics["hwnoise/aqn/effective_std"] == pytest.approx(sigma, rel=0.1)
+        assert metrics["hwnoise/aqn/engine_workers"] == 1.0
         if step == 3:
             trainer.on_validate_begin()
             clean_now = norms(actor)
@@ -155,8 +193,97 @@ def test_six_steps_with_validation(lora):
     calls = trainer.checkpoint_manager.calls
     assert calls.count(("sleep_replicas",)) == STEPS
     assert [c[1] for c in calls if c[0] == "update_weights"] == list(range(0, STEPS + 1))
+    rpc_log = [(m, s) for m, s in trainer.engine_log if m == "hwnoise_set_state"]
     assert [s["active"] for m, s in rpc_log].count(False) >= 2  # validation off, and the end of the run
     assert {s["seed"] for _, s in rpc_log} == {11}
+
+
+def test_prefix_cache_is_reset_after_every_aqn_state_change():
+    """Clean KV from validation (or KV of the previous draw) is never reused by a noisy rollout
+    (issue 23, 3): every hwnoise_set_state is followed by a prefix-cache reset."""
+    trainer, actor, engine, _ = make_trainer(lora=False)
+    trainer.on_init_end()
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    for step in range(1, 4):
+        trainer.on_sample_end()
+        trainer.on_step_end()
+        trainer._consume_sync_metrics()
+        if step == 2:
+            trainer.on_validate_begin()
+            trainer.on_validate_end()
+        trainer.global_steps += 1
+    log = [m for m, _ in trainer.engine_log]
+    changes = [i for i, m in enumerate(log) if m == "hwnoise_set_state"]
+    assert len(changes) >= 6  # train begin, 3 steps, validation off and on
+    assert all(log[i + 1] == "reset_prefix_cache" for i in changes), log
+    assert log.count("reset_prefix_cache") == len(changes)  # the too-far check: only after a change
+
+
+def test_headless_servers_get_nothing_and_engine_call_says_so():
+    from hwnoise.integrations.verl.trainer import engine_call
+
+    trainer, *_ = make_trainer(lora=False)
+    assert trainer._hwnoise_servers() == [trainer.llm_server_manager.get_replicas()[0].servers[0]]
+    headless = trainer.llm_server_manager.get_replicas()[0].servers[1]
+    assert engine_call(headless, "hwnoise_set_state", {"state": {}}, True) == {"headless": True}
+    with pytest.raises(AttributeError):  # what the old broadcast to every server hit
+        headless.collective_rpc.remote("hwnoise_set_state", kwargs={"state": {}})
+
+
+def test_weight_stream_statistics_reach_the_step_metrics():
+    """The adapter's stream statistics are stored on the server actor and come back with the
+    trainer's engine call into the metrics of the step that rolled out on those weights."""
+    import asyncio
+
+    from hwnoise.integrations.verl.rollout import make_server_adapter
+
+    config = verl_config([f"{R}.emulation=weights:mxfp4", "trainer.v1.trainer_mode=hwnoise_sync"])
+    server = FakeServer([], [])
+
+    class FakeServerAdapter:  # verl's ServerAdapter: rank 0 of a replica has the server handle
+        def __init__(self):
+            self.config = SimpleNamespace(custom={"hwnoise": {"emulation": "weights:mxfp4"}})
+            self._has_server = True
+
+            async def remote(fn, *args):  # a Ray ObjectRef is awaitable in async actors
+                return fn(server, *args)
+
+            self.server_handle = SimpleNamespace(__ray_call__=SimpleNamespace(remote=remote))
+
+        def _ensure_server_handle(self):
+            return True
+
+        async def update_weights(self, weights, global_steps=None, wire_format="named_tensors", **kwargs):
+            self.received = dict(weights)
+
+    adapter = make_server_adapter(FakeServerAdapter)()
+
+    class Checkpoints:
+        calls = []
+
+        def update_weights(self, global_steps=None):
+            w = torch.randn(64, 64, generator=torch.Generator().manual_seed(global_steps or 0))
+            asyncio.run(adapter.update_weights(iter([("model.layers.0.mlp.down_proj.weight", w)]), global_steps))
+
+    trainer = HwnoiseTrainer.__new__(HwnoiseTrainer)
+    trainer.config, trainer.hwnoise = config, validate(config)
+    trainer.hwnoise_state = trainer.hwnoise_rollout_state = None
+    trainer.hwnoise_engine_metrics = {}
+    trainer.global_steps, trainer.total_training_steps, trainer.steps_per_epoch = 0, 3, 3
+    trainer.timing_raw, trainer.curr_step_profile = {}, False
+    trainer.checkpoint_manager = Checkpoints()
+    trainer.llm_server_manager = SimpleNamespace(get_replicas=lambda: [SimpleNamespace(servers=[server])])
+    trainer.on_init_end()
+    trainer.global_steps = 1
+    trainer.on_train_begin()
+    for step in range(1, 3):
+        trainer.on_step_end()
+        metrics = trainer._consume_sync_metrics()
+        assert metrics["hwnoise/weights/quantized"] == 1.0
+        assert 10 < metrics["hwnoise/weights/sqnr_db"] < 30, metrics  # MXFP4 of a Gaussian: ~17-20 dB
+        trainer.global_steps += 1
+    assert "hwnoise/aqn/effective_std" not in metrics  # no AQN asked, none reported
 
 
 def test_redraw_restores_before_drawing_bf16():

@@ -72,18 +72,6 @@ def test_emulation_specs_carry_ops_and_excludes():
                              + [f"{R}.exclude=[lm_head]"]))
 
 
-def test_old_aqn_layer_types_key_warns_and_means_targets():
-    from hwnoise.compat import HwnoiseDeprecationWarning
-
-    new = validate(verl_config(with_override(f"{R}.aqn.targets=[rmsnorm]")))
-    with pytest.warns(HwnoiseDeprecationWarning, match=r"aqn\.layer_types.*aqn\.targets"):
-        old = validate(verl_config(with_override(f"{R}.aqn.layer_types=[rmsnorm]")))
-    assert old == new and old.aqn.targets == ("rmsnorm",)
-    assert old.state(1, 10, 5, True)["targets"] == ["rmsnorm"]
-    with pytest.raises(ConfigError, match="give only"):
-        validate(verl_config(with_override(f"{R}.aqn.targets=[rmsnorm]") + [f"{R}.aqn.layer_types=[rmsnorm]"]))
-
-
 def test_no_hwnoise_keys_change_nothing():
     config = verl_config([])
     assert not validate(config).active
@@ -106,7 +94,9 @@ def test_misspelled_key_is_named_with_a_suggestion(override, names):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded", "checkpoint_engine.backend=delta_sharded"),
+    ("actor_rollout_ref.actor.strategy=megatron", "actor_rollout_ref.actor.strategy=megatron"),
+    ("actor_rollout_ref.rollout.data_parallel_size=2", "actor_rollout_ref.rollout.data_parallel_size=2"),
+    (f"{R}.emulation=weights:/nonexistent/plan.json", "hwnoise.emulation='weights:/nonexistent/plan.json'"),
     ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.trainer_mode=colocate_async"),
     ("trainer.v1.trainer_mode=separate_async", "trainer.v1.trainer_mode=separate_async"),
     ("actor_rollout_ref.rollout.enforce_eager=False", "actor_rollout_ref.rollout.enforce_eager=False"),
@@ -167,3 +157,78 @@ def test_examples_grid_command_lines_compose_and_validate(run):
     assert settings.weight_format == {"mxfp4": "mxfp4", "nvfp4": "nvfp4"}.get(variant.split("-")[0])
     assert (settings.operator_noise is not None) == variant.startswith("noise5")
     assert (config.actor_rollout_ref.model.lora_rank > 0) == run.endswith("-lora")
+    if run.endswith("-lora") and settings.weight_format:  # the base passes the stream once
+        assert config.actor_rollout_ref.rollout.load_format == "dummy"
+
+
+LORA = ["actor_rollout_ref.model.lora_rank=32", "actor_rollout_ref.model.lora_alpha=64",
+        "actor_rollout_ref.model.target_modules=all-linear"]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_lora_adapter_syncs_with_a_weight_format_are_refused_naming_the_keys(fmt):
+    """With load_format=safetensors verl syncs only adapters (engine_workers.py:673 base_sync_done):
+    the base weights vLLM loaded itself would never be quantized (issue 23, 2)."""
+    overrides = with_override(f"{R}.emulation=weights:{fmt}") + LORA
+    with pytest.raises(ConfigError) as err:
+        validate(verl_config(overrides + ["actor_rollout_ref.rollout.load_format=safetensors"]))
+    message = str(err.value)
+    assert all(k in message for k in ("actor_rollout_ref.rollout.load_format=safetensors",
+                                      "actor_rollout_ref.model.lora_rank=32", f"weights:{fmt}", "load_format=dummy"))
+    # the too-far checks: what does reach the stream is accepted
+    assert validate(verl_config(overrides + ["actor_rollout_ref.rollout.load_format=dummy"])).weight_format == fmt
+    assert validate(verl_config(overrides + ["actor_rollout_ref.rollout.load_format=safetensors",
+                                             "actor_rollout_ref.model.lora.merge=True"])).weight_format == fmt
+    no_format = [o for o in GRID if ".emulation=weights" not in o] + LORA
+    assert validate(verl_config(no_format + ["actor_rollout_ref.rollout.load_format=safetensors"])).aqn is not None
+
+
+def test_the_sync_trainer_forces_the_naive_checkpoint_backend():
+    """Why there is no delta_sharded refusal (issue 23, 6): the sync trainer, the only one hwnoise
+    accepts, overwrites the backend with "naive", so whole weights always reach the stream."""
+    import inspect
+
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    assert 'checkpoint_engine_config.backend = "naive"' in inspect.getsource(PPOTrainer)
+    config = verl_config(with_override("actor_rollout_ref.rollout.checkpoint_engine.backend=delta_sharded"))
+    assert validate(config).aqn is not None
+
+
+def test_megatron_is_refused_only_with_operator_noise():
+    rollout_only = [o for o in GRID if "trainer.hwnoise.emulation" not in o]
+    config = verl_config(rollout_only + ["actor_rollout_ref.actor.strategy=megatron"])
+    assert validate(config).operator_noise is None  # the rollout side does not depend on the actor
+    assert validate(verl_config(with_override("actor_rollout_ref.actor.strategy=fsdp2"))).operator_noise
+
+
+def test_a_weight_plan_is_checked_by_the_stream_itself(tmp_path):
+    """validate() asks the stream (an empty one) whether it can apply the weights part, so the two
+    agree: what validate accepts, the stream applies at the first sync (issue 23, 6)."""
+    import json
+
+    from hwnoise.integrations.verl.rollout import fake_quantize_stream
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model.layers.0.mlp.down_proj": "mxfp4"}))
+    spec = f"weights:{plan}"
+    try:
+        list(fake_quantize_stream(iter(()), str(plan)))
+        stream_takes_plans = True
+    except ValueError:
+        stream_takes_plans = False
+    if stream_takes_plans:
+        assert validate(verl_config(with_override(f"{R}.emulation={spec}"))).weight_format
+    else:
+        with pytest.raises(ConfigError, match="rollout weight stream cannot apply"):
+            validate(verl_config(with_override(f"{R}.emulation={spec}")))
+
+
+def test_the_op_list_form_that_hydra_parses():
+    """The README form: inner quotes around a spec with brackets (Hydra reads [..] as a list)."""
+    from hydra.errors import HydraException
+
+    quoted = validate(verl_config(with_override('+trainer.hwnoise.emulation="relative:0.05@ops[linear,matmul]"')))
+    assert quoted.operator_noise.ops == ("linear", "matmul")
+    with pytest.raises((HydraException, ConfigError, ValueError)):
+        validate(verl_config(with_override("+trainer.hwnoise.emulation=relative:0.05@ops[linear,matmul]")))

@@ -98,3 +98,44 @@ def test_bad_variables_make_the_plugin_import_raise(env, named, monkeypatch):
     with pytest.raises(ValueError, match=named):
         importlib.import_module(PLUGIN)
     assert PLUGIN not in sys.modules
+
+
+def test_engine_call_returns_worker_results_through_ray_call(ray_session):
+    """verl's vLLMHttpServer.collective_rpc returns None; hwnoise's engine_call, run on the server
+    actor with Ray's __ray_call__ (on an actor thread), awaits the engine on the actor's own event
+    loop and returns every worker's result (issue 23, 5). An async actor shaped like the server:
+    the engine client is made inside an async method and a uvicorn-like task runs on that loop."""
+    ray = ray_session
+    from hwnoise.integrations.verl.trainer import engine_call
+
+    @ray.remote(num_cpus=0)
+    class Server:
+        node_rank = 0
+
+        async def launch(self):
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+
+            class Engine:  # AsyncLLM: usable only from the loop it was made on
+                async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+                    assert asyncio.get_running_loop() is loop
+                    return [{"worker": i, "method": method, **(kwargs or {})} for i in range(2)]
+
+                async def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+                    assert asyncio.get_running_loop() is loop
+                    return True
+
+            self.engine = Engine()
+            self._server_task = asyncio.create_task(asyncio.sleep(3600))  # verl: run_uvicorn's task
+
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):  # verl's: discards
+            await self.engine.collective_rpc(method=method, timeout=timeout, args=args, kwargs=kwargs)
+
+    server = Server.remote()
+    ray.get(server.launch.remote())
+    assert ray.get(server.collective_rpc.remote("hwnoise_stats")) is None
+    out = ray.get(server.__ray_call__.remote(engine_call, "hwnoise_stats", {"x": 1}, True))
+    assert out["workers"] == [{"worker": 0, "method": "hwnoise_stats", "x": 1},
+                              {"worker": 1, "method": "hwnoise_stats", "x": 1}]
+    assert out["prefix_cache_reset"] is True and out["stream"] is None

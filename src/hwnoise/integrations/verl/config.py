@@ -44,7 +44,7 @@ from ...inject.ops import DEFAULT_OPS, resolve_ops
 from ...rl.config import AQN_SCHEDULES, AQNConfig
 
 __all__ = [
-    "ASYNC_TRAINER_MODES", "ConfigError", "DELTA_BACKENDS", "KEYS", "PLUGIN_MODULE", "ROLLOUT_PREFIX",
+    "ACTOR_STRATEGIES", "ASYNC_TRAINER_MODES", "ConfigError", "KEYS", "PLUGIN_MODULE", "ROLLOUT_PREFIX",
     "RENAMED_KEYS", "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
 ]
 
@@ -54,8 +54,9 @@ TRAINER_MODE = "hwnoise_sync"  # the registered HwnoiseTrainer
 PLUGIN_MODULE = "hwnoise.integrations.verl.plugin"
 WORKER_EXTENSION = "hwnoise.integrations.verl.vllm_ext.HwnoiseWorkerExtension"
 ASYNC_TRAINER_MODES = ("colocate_async", "separate_async")
-# Backends that overwrite only changed weight positions in place: noise on unchanged ones would stay.
-DELTA_BACKENDS = ("delta_sharded",)
+# Actor strategies whose GEMMs go through torch's F.linear / matmul, where operator noise reaches them
+# (Megatron and TransformerEngine call their own fused kernels).
+ACTOR_STRATEGIES = ("fsdp", "fsdp2")
 DEFAULT_STREAM_EXCLUDE = ("lm_head", "embed_tokens")
 
 _ENV_PATH = "ray_kwargs.ray_init.runtime_env.env_vars"
@@ -265,6 +266,8 @@ def _rollout_part(values: dict) -> dict:
             raise ConfigError(f"{key}={spec!r}: the weight stream quantizes every linear weight (targets:linear); "
                               "leave weights out with '+exclude:G1,G2' instead of targets:...")
         out["weight_format"] = emulation.weight_format
+        if emulation.weight_format is not None:
+            _check_stream_accepts(key, spec, emulation.weight_format)
         if emulation.exclude:
             if f"{ROLLOUT_PREFIX}.exclude" in values:
                 raise ConfigError(f"{key}={spec!r} has exclude:... and {ROLLOUT_PREFIX}.exclude is set too; "
@@ -298,6 +301,17 @@ def _rollout_part(values: dict) -> dict:
             except ValueError as err:
                 raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.multipliers: {err}") from None
     return out
+
+
+def _check_stream_accepts(key: str, spec, weights) -> None:
+    """Refuse here what the weight stream would refuse at the first sync: ask the stream itself
+    (an empty stream runs its own format/plan checks), so validate() and the stream always agree."""
+    from .rollout import fake_quantize_stream  # imports this module: a late import
+
+    try:
+        list(fake_quantize_stream(iter(()), weights))
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"{key}={spec!r}: the rollout weight stream cannot apply {weights!r}: {err}") from None
 
 
 def _trainer_part(values: dict) -> dict:
@@ -385,14 +399,22 @@ def _check_combinations(config, s: VerlSettings, *, defaults_pending: bool) -> N
         raise ConfigError(f"trainer.v1.trainer_mode={mode}: hwnoise needs trainer.v1.trainer_mode={TRAINER_MODE}")
     rollout = "actor_rollout_ref.rollout"
     name = _select(config, f"{rollout}.name", "vllm")
-    backend = _select(config, f"{rollout}.checkpoint_engine.backend", "naive")
-    if s.aqn and backend in DELTA_BACKENDS:
-        raise ConfigError(f"{rollout}.checkpoint_engine.backend={backend}: a delta weight sync overwrites only the "
-                          f"changed weights in place, so AQN noise on unchanged norms would persist across steps; "
-                          f"use backend=naive (or nccl) with {ROLLOUT_PREFIX}.aqn.enabled=true")
-    if s.weight_format and backend in DELTA_BACKENDS:
-        raise ConfigError(f"{rollout}.checkpoint_engine.backend={backend}: delta payloads are not whole weights, so "
-                          f"{ROLLOUT_PREFIX}.emulation=weights:{s.weight_format} cannot quantize them; use backend=naive")
+    # checkpoint_engine.backend needs no check: the sync trainer (the only mode hwnoise accepts) sets
+    # it to "naive" whatever the config says (verl trainer/ppo/v1/trainer_base.py:382), so whole
+    # weights always reach the stream and every norm is re-sent (tests/verl pin that line).
+    _check_lora(config, s)
+    strategy = _select(config, "actor_rollout_ref.actor.strategy", "fsdp")
+    if s.operator_noise is not None and strategy not in ACTOR_STRATEGIES:
+        raise ConfigError(f"actor_rollout_ref.actor.strategy={strategy}: {TRAINER_PREFIX}.emulation="
+                          f"{s.operator_noise.spec} reaches GEMMs through torch's F.linear/matmul, which "
+                          f"{strategy} actors bypass (Megatron/TransformerEngine fused kernels), so the actor would "
+                          f"train clean; use actor_rollout_ref.actor.strategy={' or '.join(ACTOR_STRATEGIES)}")
+    dp = _select(config, f"{rollout}.data_parallel_size", 1)
+    if s.aqn and isinstance(dp, int) and dp > 1:
+        raise ConfigError(f"{rollout}.data_parallel_size={dp}: AQN states reach a replica's workers through "
+                          "vLLM's collective_rpc, which reaches one data-parallel shard only (verl "
+                          "vllm_async_server.py:1307-1314), so the other shards would roll out with stale noise; "
+                          f"use {rollout}.data_parallel_size=1 (more replicas instead) with {ROLLOUT_PREFIX}.aqn.enabled=true")
     if (s.aqn or s.weight_format) and name != "vllm":
         key = f"{ROLLOUT_PREFIX}.aqn.enabled" if s.aqn else f"{ROLLOUT_PREFIX}.emulation"
         raise ConfigError(f"{rollout}.name={name}: {key} is implemented for the vLLM rollout only; use "
@@ -416,6 +438,31 @@ def _check_combinations(config, s: VerlSettings, *, defaults_pending: bool) -> N
         if clash:
             raise ConfigError(f"{_ENV_PATH}.{clash[0]} is set and so is {TRAINER_PREFIX}.emulation; "
                               "give the operator noise once")
+
+
+def _check_lora(config, s: VerlSettings) -> None:
+    """LoRA adapters (not merged) with a weight format: the base weights must pass the stream once.
+
+    verl sends the base weights only when ``rollout.load_format`` is "dummy" (then once, at the first
+    sync; afterwards only adapters: ``base_sync_done``, verl workers/engine_workers.py:673, :791-806).
+    With "safetensors" vLLM loads its own base from disk and the stream never sees it: the format
+    would silently do nothing. Merged LoRA (``model.lora.merge=True``) sends merged weights each sync."""
+    if not s.weight_format:
+        return
+    model = "actor_rollout_ref.model"
+    rank = _select(config, f"{model}.lora_rank", 0) or 0
+    lora = _plain(_select(config, f"{model}.lora")) or {}
+    rank = rank or (lora.get("rank", 0) if isinstance(lora, Mapping) else 0) or 0
+    merge = bool(lora.get("merge", False)) if isinstance(lora, Mapping) else False
+    load_format = str(_select(config, "actor_rollout_ref.rollout.load_format", "dummy"))
+    if rank and not merge and "dummy" not in load_format:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.load_format={load_format} with {model}.lora_rank={rank}: verl then syncs "
+            f"only the LoRA adapters (base_sync_done) and vLLM keeps the base weights it loaded itself, so "
+            f"{ROLLOUT_PREFIX}.emulation=weights:{s.weight_format} would never reach them; use "
+            "actor_rollout_ref.rollout.load_format=dummy (the base then passes the stream once, at the first "
+            f"sync, and is quantized; adapters stay unquantized, as in QLoRA) or {model}.lora.merge=True "
+            "(every sync sends merged weights, quantized each time)")
 
 
 def validate(config) -> VerlSettings:

@@ -1,10 +1,13 @@
 """W4A16 rollouts in verl: the weights the rollout engine receives, fake-quantized to any format.
 
-``fake_quantize_stream(weights, fmt)`` wraps verl's weight stream (``(name, tensor)`` pairs from
-the actor to the engine): every linear weight (2-D ``*.weight``; embeddings, ``lm_head`` and LoRA
-adapters left alone) becomes ``hwnoise.quantize(w, fmt)`` in its own dtype, the same call the
-``weights:FMT`` emulation makes in ``hwnoise eval`` and ``hwnoise train``. The engine then runs
-on the quantized grid while the actor keeps training its clean weights.
+``fake_quantize_stream(weights, emulation)`` wraps verl's weight stream (``(name, tensor)`` pairs
+from the actor to the engine) with the weight part of an ``Emulation``, resolved once: with
+``weights:FMT`` every linear weight (2-D ``*.weight``; embeddings, ``lm_head`` and LoRA adapters
+left alone) becomes its quantized copy in its own dtype; with ``weights:plan.json`` each module the
+plan names is quantized in its planned format and every other tensor passes unchanged. The copy
+is made by ``hwnoise.inject.swap.quantized_weight``, the call the ``weights:...`` emulation makes
+in ``hwnoise eval`` and ``hwnoise train``. The engine then runs on the quantized grid while the
+actor keeps training its clean weights.
 
 ``HwnoiseServerAdapter`` is verl's vLLM ``ServerAdapter`` with its ``update_weights`` stream
 wrapped when ``actor_rollout_ref.rollout.custom.hwnoise.emulation=weights:FMT``; the plugin puts it
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ...formats import get as get_format, quantize
+from ...emulation import Emulation
+from ...inject.swap import quantized_weight
+from ...plans import WeightPlan
 from .config import DEFAULT_STREAM_EXCLUDE, rollout_settings
 
-__all__ = ["StreamStats", "fake_quantize_stream", "is_stream_linear_weight", "make_server_adapter"]
+__all__ = ["StreamStats", "fake_quantize_stream", "is_stream_linear_weight", "make_server_adapter", "stream_emulation"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +67,64 @@ def is_stream_linear_weight(name: str, tensor: torch.Tensor, exclude=DEFAULT_STR
     )
 
 
-def fake_quantize_stream(weights, fmt: str, exclude=DEFAULT_STREAM_EXCLUDE, stats: StreamStats | None = None):
-    """Yield ``weights`` (``(name, tensor)``) with every linear weight quantized to ``fmt``."""
-    get_format(fmt)  # an unknown format fails before the first tensor, listing the known ones
+def stream_emulation(value) -> Emulation:
+    """The Emulation a weight stream applies: an ``Emulation`` as is, or a weights value
+    (``"mxfp4"``, ``"plan.json"``) as ``weights:VALUE``. Only a weight part can reach the engine.
+
+    Example:
+        >>> stream_emulation("mxfp4").spec
+        'weights:mxfp4'
+    """
+    emulation = value if isinstance(value, Emulation) else Emulation(weight_format=value)
+    if not emulation.weight_format or emulation.input_format or emulation.error or emulation.aqn_sigma:
+        raise ValueError(f"the verl weight stream applies weights:FMT or weights:plan.json only; got {emulation.spec!r}")
+    return emulation
+
+
+def fake_quantize_stream(weights, emulation, exclude=DEFAULT_STREAM_EXCLUDE, stats: StreamStats | None = None):
+    """Yield ``weights`` (``(name, tensor)``) with each weight the Emulation's weight part names
+    quantized: every linear weight under ``weights:FMT``, each planned module in its own format
+    under ``weights:plan.json`` (its ``exclude:`` globs and ``exclude`` honoured).
+
+    Args:
+        weights: an iterable of (name, tensor), e.g. ``model.named_parameters()``.
+        emulation: an ``Emulation`` with a weight part, or a weights value (``"mxfp4"``, a plan path).
+        exclude: module names or globs left alone (default: embeddings and lm_head).
+        stats: a ``StreamStats`` to fill (SQNR over the quantized weights).
+
+    Example:
+        >>> out = dict(fake_quantize_stream(model.named_parameters(), "mxfp4"))  # doctest: +SKIP
+    """
+    emulation = stream_emulation(emulation)  # a bad format or plan fails before the first tensor
+    plan = emulation.weights if isinstance(emulation.weights, WeightPlan) else None
+    exclude = tuple(exclude) + tuple(emulation.exclude)
     stats = stats if stats is not None else StreamStats()
+    seen = set()
     for name, tensor in weights:
-        if not is_stream_linear_weight(name, tensor, exclude):
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if plan is not None:
+            fmt = plan.spec_for(module) if module is not None else None
+            if fmt is not None:
+                seen.add(module)
+            take = fmt is not None and tensor.is_floating_point() and not _excluded(name, exclude)
+        else:
+            fmt = emulation.weights
+            take = is_stream_linear_weight(name, tensor, exclude)
+        if not take:
             stats.weights_passed += 1
             yield name, tensor
             continue
-        q = quantize(tensor.detach(), fmt)
+        q = quantized_weight(tensor, fmt)
         diff = q.float() - tensor.float()
         stats.signal += float(tensor.float().pow(2).sum())
         stats.noise += float(diff.pow(2).sum())
         stats.weights_quantized += 1
         yield name, q
+    if plan is not None and stats.weights_quantized + stats.weights_passed:  # (an empty stream: a check only)
+        missing = [n for n, _ in plan.formats if n not in seen and not _excluded(n, exclude)]
+        if missing:  # a plan for another model (or names the actor does not stream): not a silent no-op
+            raise ValueError(f"weight plan {plan} names {len(missing)} module(s) the weight stream did not carry: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
 
 def make_server_adapter(base: type) -> type:
@@ -87,15 +135,24 @@ def make_server_adapter(base: type) -> type:
             settings = rollout_settings(getattr(self.config, "custom", None))
             stats = None
             if settings.weight_format:
+                # Parsed once per adapter (a plan file is read once), then reused at every sync.
+                cached = getattr(self, "_hwnoise_emulation", None)
+                if cached is None or cached.weight_format != settings.weight_format:
+                    cached = stream_emulation(settings.weight_format)
+                    self._hwnoise_emulation = cached
                 if wire_format != "named_tensors":
                     raise ValueError(f"hwnoise weight format {settings.weight_format!r} needs whole weights; "
                                      f"the checkpoint engine sends wire_format={wire_format!r} "
                                      "(use actor_rollout_ref.rollout.checkpoint_engine.backend=naive)")
                 stats = StreamStats()
-                weights = fake_quantize_stream(weights, settings.weight_format, settings.weight_exclude, stats)
+                weights = fake_quantize_stream(weights, cached, settings.weight_exclude, stats)
             result = await super().update_weights(weights, global_steps=global_steps, wire_format=wire_format, **kwargs)
             if stats is not None:
                 self.hwnoise_stream_stats = stats
+                if getattr(self, "_has_server", False) and self._ensure_server_handle():
+                    # onto the vLLM server actor, where HwnoiseTrainer's engine_call picks it up for verl's metrics
+                    await self.server_handle.__ray_call__.remote(_store_stream_stats, {**stats.as_dict(),
+                                                                                      "step": global_steps})
                 logger.info("hwnoise: step %s weight sync as %s: %s", global_steps, settings.weight_format, stats.as_dict())
             return result
 
