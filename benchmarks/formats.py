@@ -98,7 +98,7 @@ def main() -> None:
     console.print(f"baselines: copy_ {1e3 * copy_s:.1f} ms, clone {1e3 * clone_s:.1f} ms")
     console.print("targets: mxfp4 and nvfp4 >= 10x faster than torchao, quantize(out=) within 6x of copy_")
     if args.json:
-        from hwnoise.report import atomic_write_json
+        from hwnoise.io import atomic_write_json
 
         atomic_write_json(args.json, {"size": args.size, "copy_s": copy_s, "clone_s": clone_s, "rows": rows})
 

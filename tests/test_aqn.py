@@ -571,20 +571,12 @@ def test_bundled_cycles_bit_identical_and_targeting(bundled_bf16, tmp_path):
     assert hwnoise.AQN is AQN
 
 
-def test_old_names_layer_types_and_rounding_modes_warn_and_still_work():
+def test_one_name_for_the_selection_and_the_rounding():
     import hwnoise.aqn
-    import hwnoise.aqn.noise
-    from hwnoise.compat import HwnoiseDeprecationWarning
 
-    with pytest.warns(HwnoiseDeprecationWarning, match="layer_types= .* use targets="):
-        aqn = AQN(Constant(1e-3), layer_types=("rmsnorm", "linear"))
-    assert aqn.targets == ("rmsnorm", "linear")
-    with pytest.warns(HwnoiseDeprecationWarning, match="AQN.layer_types"):
-        assert aqn.layer_types == ("rmsnorm", "linear")
-    with pytest.raises(TypeError, match="got both 'layer_types' .deprecated. and 'targets'"):
-        AQN(Constant(1e-3), layer_types="linear", targets="linear")
-    for module in (hwnoise.aqn, hwnoise.aqn.noise):
-        with pytest.warns(HwnoiseDeprecationWarning, match="NOISE_ROUNDING"):
-            assert module.ROUNDING_MODES == hwnoise.aqn.NOISE_ROUNDING == ("stochastic", "nearest")
+    with pytest.raises(TypeError, match="layer_types"):
+        AQN(Constant(1e-3), layer_types=("rmsnorm", "linear"))
+    assert not hasattr(AQN(Constant(1e-3)), "layer_types") and not hasattr(hwnoise.aqn, "ROUNDING_MODES")
+    assert hwnoise.aqn.NOISE_ROUNDING == ("stochastic", "nearest")
     with pytest.raises(ValueError, match="unknown rounding 'rne'; known: stochastic, nearest"):
         AQN(Constant(1e-3), rounding="rne")

@@ -12,7 +12,7 @@ So the check imports each unit under a bare ``hwnoise`` package object (the real
 its ``__init__`` not run): what is measured is the unit's own imports, nothing else.
 
 Imports inside functions (deferred until used) are not import-time dependencies and are not
-checked here; old names that moved up resolve that way (``hwnoise.compat.module_aliases``).
+checked here.
 """
 
 from __future__ import annotations
@@ -29,20 +29,18 @@ import pytest
 # Lowest first. A unit is a top-level module or subpackage of hwnoise, or a dotted submodule that
 # sits higher than its package (the longest listed prefix decides). Same-layer imports are allowed.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # base: no hwnoise imports above compat beyond one another
-    ("compat", "io", "errors", "select", "devices", "rewards", "data", "plans", "progress", "models",
+    # base: no hwnoise imports beyond one another
+    ("io", "errors", "select", "devices", "rewards", "data", "plans", "progress", "models",
      "formats", "metrics"),
     # mechanisms that change a model
     ("inject", "aqn"),
     # the emulation language (one hardware condition), and the process-wide switch on top of inject
     ("emulation", "autoload", "identity"),
     # what measures a model
-    ("scan", "eval", "mismatch"),
+    ("scan", "eval", "mismatch", "engines"),
     ("rl",),
     ("integrations",),
     ("cli",),
-    # deprecated shims: old paths that resolve upward on use
-    ("report",),
 )
 # Modules that are entry points, not importable units (running them starts the CLI).
 NOT_IMPORTED = {"hwnoise.cli.__main__"}

@@ -131,24 +131,11 @@ def test_cli_writes_markdown_and_json(runs, tmp_path):
     assert bad.exit_code == 2 and "no run directory" in bad.output
 
 
-def test_run_directories_with_the_old_emulation_form_are_still_described():
+def test_run_directories_are_described_by_their_per_phase_specs():
     from hwnoise.rl.runs import describe_config
 
-    old = {"emulation": {"weight_format": "mxfp4", "weight_phase": "both", "noise": "relative", "noise_scale": 0.05}}
-    assert describe_config(old)["emulation"] == "W mxfp4 (both), relative 0.05 (rollout)"
     new = {"emulation": {"rollout": "weights:mxfp4+relative:0.05@ops", "training": "weights:mxfp4"}}
     assert describe_config(new)["emulation"] == "weights:mxfp4+relative:0.05@ops (rollout), weights:mxfp4 (training)"
     assert describe_config({"emulation": {"rollout": "clean", "training": None}})["emulation"] == "-"
 
 
-def test_the_old_module_path_warns_and_does_not_import_rl():
-    import subprocess
-    import sys
-
-    code = ("import sys, warnings; import hwnoise.report.runs as old; assert 'hwnoise.rl' not in sys.modules, 'rl imported';"
-            "warnings.simplefilter('error');\n"
-            "try:\n    old.summarize_runs\nexcept DeprecationWarning as w:\n    assert 'hwnoise.rl.runs.summarize_runs' in str(w), w\n"
-            "else:\n    raise SystemExit('no warning')\n"
-            "warnings.simplefilter('ignore'); import hwnoise.rl.runs as new; assert old.summarize_runs is new.summarize_runs")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr

@@ -130,8 +130,6 @@ def test_defaults_with_steps_are_valid():
     ({"aqn": {"enabled": True, "stages": 1}}, "aqn (staged schedule): stages must be an integer >= 2"),
     ({"aqn": {"enabled": True, "targets": ["layernorm"]}}, "aqn.targets: unknown targets ['layernorm']"),
     ({"aqn": {"enabled": True, "schedule": "cosine"}}, "aqn.schedule: unknown value 'cosine'; known: staged, epoch_aware, constant"),
-    ({"emulation": {"weight_format": "mxfp4", "weight_phase": "warmup"}},
-     "emulation.weight_phase: unknown value 'warmup'; known: rollout, training, both"),
     ({"algorithm": {"num_generations": 3, "batch_size": 4}}, "= 4) must be divisible by algorithm.num_generations (3)"),
     ({"algorithm": {"num_generations": 1, "batch_size": 4}}, "algorithm.num_generations must be >= 2"),
     ({"algorithm": {"loss_type": "ppo"}}, "algorithm.loss_type: unknown value 'ppo'; known: grpo, dapo, dr_grpo, bnpo"),
@@ -145,11 +143,6 @@ def test_defaults_with_steps_are_valid():
     ({"emulation": {"training": "relative:0.05@ops"}}, "needs algorithm.gradient_checkpointing: false"),
     ({"use_vllm": True, "emulation": {"rollout": "relative:0.05@ops"}}, "vLLM's kernels bypass"),
     ({"use_vllm": True, "emulation": {"rollout": "inputs:mxfp4"}}, "which vLLM's engine does not run"),
-    # The old field-by-field keys: still read (with a warning), still checked under their names.
-    ({"emulation": {"weight_format": "mxfp5"}}, "emulation.rollout (from emulation.weight_format): unknown format 'mxfp5'"),
-    ({"emulation": {"noise": "relative"}}, "emulation.noise: 'relative' needs emulation.noise_scale > 0"),
-    ({"emulation": {"noise": "relative", "noise_scale": 0.05, "noise_ops": []}},
-     "emulation.noise needs at least one emulation.noise_ops entry"),
     ({"use_vllm": True, "device": "cpu"}, "use_vllm needs a CUDA device"),
     ({"eval": {"settings": ["clean", "rollout"]}}, "no emulation applies in the rollout phase"),
     ({"model": "./no/such/model.gguf"}, "no such model file or directory"),
@@ -191,64 +184,43 @@ def test_emulation_for_gives_each_phase_its_emulation():
         c.emulation_for("both")
 
 
-def _old(data, *overrides):
-    with pytest.warns(DeprecationWarning, match="emulation.rollout / emulation.training"):
-        return TrainConfig.from_dict({"steps": 6, **data}, overrides)
+@pytest.mark.parametrize("key, value, new", [
+    ("emulation.weight_format", "mxfp4", "emulation.rollout"),
+    ("emulation.noise_scale", 0.05, "emulation.rollout"),
+    ("emulation.noise", "relative", "emulation.training"),
+    ("emulation.input_phase", "both", "emulation.rollout"),
+    ("aqn.layer_types", ["rmsnorm"], "aqn.targets"),
+])
+def test_old_keys_are_refused_naming_the_new_key(key, value, new):
+    """Issue 20 item 8: no old key is read or silently ignored; the error names the key to use."""
+    section, _, name = key.partition(".")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"steps": 6, section: {name: value}})
+    text = str(err.value)
+    assert f"unknown key {key!r}" in text.splitlines()[0] and repr(new) in text.splitlines()[0], text
+    with pytest.raises(ConfigError, match=rf"command line: unknown key {key!r}"):
+        TrainConfig.from_dict({"steps": 6}, [f"{key}={value if not isinstance(value, list) else value[0]}"])
 
 
-def test_old_emulation_keys_translate_to_the_per_phase_specs():
-    c = _old({"emulation": {"weight_format": "mxfp4", "weight_phase": "both", "input_format": "nvfp4",
-                            "noise": "relative", "noise_scale": 0.05, "noise_phase": "training"}})
-    assert (c.emulation.rollout, c.emulation.training) == ("weights:mxfp4+inputs:nvfp4", "weights:mxfp4+relative:0.05@ops")
-    # The Emulation the old phase_parts built: the same object, so the same run.
-    from hwnoise.emulation import Emulation
-
-    assert c.emulation_for("training") == Emulation(weight_format="mxfp4", error="relative:0.05",
-                                                    ops=("linear", "matmul", "bmm"), targets="linear", exclude=())
-    ops = _old({"emulation": {"noise": "absolute", "noise_scale": 1e-3, "noise_ops": ["all"]}})
-    assert ops.emulation.rollout == "absolute:0.001@ops[all]" and ops.emulation.training is None
-    sel = _old({}, "emulation.weight_format=nvfp4", "emulation.targets=layers.1-2", "emulation.exclude=*.down_proj")
-    assert sel.emulation.rollout == "weights:nvfp4+targets:layers.1-2+exclude:*.down_proj"
-    moved = _old({}, "emulation.weight_format=mxfp4", "emulation.weight_phase=training")
-    assert (moved.emulation.rollout, moved.emulation.training) == (None, "weights:mxfp4")  # not left in rollout
-    assert "weight_format" not in moved.to_yaml() and "training: weights:mxfp4" in moved.to_yaml()
+def test_every_unknown_key_is_named_at_once():
+    """Issue 20 item 14: two (or more) unknown keys, in the file and on the command line, all named."""
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict({"steps": 6, "aqn": {"sigma_strat": 0.1}, "lora": {"rnk": 4}, "nonsense": 1},
+                              ["algorithm.lr=1e-5"])
+    text = str(err.value)
+    assert text.startswith("4 unknown keys:"), text
+    for key in ("aqn.sigma_strat", "lora.rnk", "nonsense", "algorithm.lr"):
+        assert f"unknown key {key!r}" in text, (key, text)
+    assert "did you mean 'aqn.sigma_start'" in text and "did you mean 'lora.rank'" in text
+    assert "command line: unknown key 'algorithm.lr'" in text
 
 
-def test_old_and_new_keys_for_one_phase_are_refused_naming_both():
-    with pytest.raises(ConfigError, match=r"emulation.rollout and the old key\(s\) emulation.weight_format both set "
-                                          r"the rollout emulation.*'weights:mxfp4'"):
-        _old({"emulation": {"rollout": "weights:nvfp4", "weight_format": "mxfp4"}})
-    with pytest.raises(ConfigError, match=r"emulation.rollout and the old key\(s\) emulation.noise"):
-        _old({"emulation": {"noise": "relative", "noise_scale": 0.05}}, "emulation.rollout=weights:mxfp4")
-    # Different phases do not clash.
-    c = _old({"emulation": {"training": "weights:nvfp4", "weight_format": "mxfp4"}})
-    assert (c.emulation.rollout, c.emulation.training) == ("weights:mxfp4", "weights:nvfp4")
-
-
-def test_old_aqn_layer_types_key_and_attribute_warn_and_still_work():
-    with pytest.warns(DeprecationWarning, match="aqn.layer_types .* use aqn.targets"):
-        c = TrainConfig.from_dict({"steps": 6, "aqn": {"layer_types": ["rmsnorm", "linear"]}})
-    assert c.aqn.targets == ("rmsnorm", "linear")
-    with pytest.warns(DeprecationWarning, match="AQNConfig.layer_types"):
-        assert c.aqn.layer_types == ("rmsnorm", "linear")
-    from hwnoise.rl.config import AQNConfig
-
-    with pytest.warns(DeprecationWarning, match="layer_types="):
-        assert AQNConfig(layer_types=("linear",)).targets == ("linear",)
-    with pytest.raises(ConfigError, match="aqn.layer_types .old name. and aqn.targets both given"):
-        TrainConfig.from_dict({"aqn": {"targets": ["rmsnorm"], "layer_types": ["linear"]}})
-
-
-def test_old_module_names_warn_and_resolve():
+def test_no_old_module_names():
     import hwnoise.rl.config as config_module
     import hwnoise.rl.run as run_module
-    from hwnoise.inject.phases import INJECTION_PHASES, PHASES
 
-    with pytest.warns(DeprecationWarning, match="INJECTION_PHASES"):
-        assert config_module.PHASES == INJECTION_PHASES
-    assert config_module._PHASES == PHASES and config_module._INJECTION_PHASES == INJECTION_PHASES
-    with pytest.warns(DeprecationWarning, match="TRAIN_RUN_FILE"):
-        assert run_module.RUN_FILE == run_module.TRAIN_RUN_FILE == "run.json"
+    assert not hasattr(config_module, "PHASES") and not hasattr(run_module, "RUN_FILE")
+    assert run_module.TRAIN_RUN_FILE == "run.json"
 
 
 # -- refused before any model loads ---------------------------------------------------------------
@@ -331,14 +303,8 @@ def test_every_example_config_is_valid_and_listed_in_the_readme(monkeypatch):
     readme = (EXAMPLES / "README.md").read_text()
     from hwnoise.rl.run import check_model_structure
 
-    import warnings
-
-    from hwnoise.compat import HwnoiseDeprecationWarning
-
     for path in paths:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", HwnoiseDeprecationWarning)  # the examples speak the current form
-            c = TrainConfig.from_yaml(path)
+        c = TrainConfig.from_yaml(path)  # an old key would be an unknown key here
         c.validate()
         check_model_structure(c)
         assert path.name in readme, f"{path.name} is not in examples/README.md"

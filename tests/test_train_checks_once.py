@@ -1,11 +1,9 @@
-"""`hwnoise train` checks its config once; the library leaves global settings alone; run directories
-saved with the old emulation form still resume."""
+"""`hwnoise train` checks its config once; the library leaves global settings alone; a run directory
+saved with keys that no longer exist is refused, naming the key to use."""
 
 from __future__ import annotations
 
 import json
-import warnings
-
 import pytest
 import yaml
 from torch import nn
@@ -15,7 +13,6 @@ import hwnoise.cli.train  # noqa: F401  (registers the command)
 import hwnoise.rl
 import hwnoise.rl.run
 from hwnoise.cli import app
-from hwnoise.compat import HwnoiseDeprecationWarning
 from hwnoise.rl import ConfigError, TrainConfig
 from hwnoise.rl.run import CONFIG_FILE
 
@@ -121,33 +118,25 @@ NEW = {"steps": 4, "logging": {"report_to": ["none"]}, "aqn": {"enabled": True, 
        "emulation": {"rollout": "weights:mxfp4+relative:0.05@ops", "training": "weights:mxfp4"}}
 
 
-def test_a_run_saved_with_the_old_emulation_form_resumes_with_a_warning(tmp_path, monkeypatch):
+def test_a_run_saved_with_old_keys_is_refused_naming_the_new_ones(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("built a trainer for a finished run")
+        raise AssertionError("built a trainer")
 
     monkeypatch.setattr(hwnoise.rl.run, "build_trainer", refuse)
-    old = dict(OLD, algorithm={"gradient_checkpointing": False})
-    run_dir = _finished_run(tmp_path, old)
+    run_dir = _finished_run(tmp_path, dict(OLD, algorithm={"gradient_checkpointing": False}))
     config = TrainConfig.from_dict(dict(NEW, run_dir=str(run_dir)))
-    with pytest.warns(HwnoiseDeprecationWarning, match="emulation.weight_format"):
-        assert hwnoise.rl.train(config, resume="latest") == run_dir  # the same run: nothing to train
-    changed = TrainConfig.from_dict(dict(NEW, run_dir=str(run_dir), emulation={"rollout": "weights:nvfp4"}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HwnoiseDeprecationWarning)
-        with pytest.raises(ConfigError, match=r"emulation.rollout: 'weights:mxfp4\+relative:0.05@ops' -> 'weights:nvfp4'"):
-            hwnoise.rl.train(changed, resume="latest")
+    with pytest.raises(ConfigError) as err:
+        hwnoise.rl.train(config, resume="latest")
+    text = str(err.value)
+    for old in ("emulation.weight_format", "emulation.noise_scale", "aqn.layer_types"):
+        assert f"unknown key {old!r}" in text, text  # every old key named, not the first alone
+    assert "'emulation.rollout' or 'emulation.training'" in text and "'aqn.targets'" in text
 
 
-def test_the_saved_config_is_in_the_new_form_and_round_trips(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HwnoiseDeprecationWarning)
-        old = TrainConfig.from_dict(dict(OLD, algorithm={"gradient_checkpointing": False}))
-    assert old == TrainConfig.from_dict(NEW)
+def test_the_saved_config_round_trips(tmp_path):
+    config = TrainConfig.from_dict(NEW)
     path = tmp_path / CONFIG_FILE
-    path.write_text(old.to_yaml())
+    path.write_text(config.to_yaml())
     saved = yaml.safe_load(path.read_text())
     assert saved["emulation"] == NEW["emulation"] and saved["aqn"]["targets"] == ["rmsnorm"]
-    assert "layer_types" not in saved["aqn"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", HwnoiseDeprecationWarning)  # the new form reads without a warning
-        assert TrainConfig.from_yaml(path) == old
+    assert TrainConfig.from_yaml(path) == config

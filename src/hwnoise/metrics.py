@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from .compat import renamed_kwargs
 from .formats.fake_quant import options_for, saturated
 
 FORMAT_OPTIONS = ("scale_mode", "rounding", "block", "axis", "flavor")
@@ -77,7 +76,6 @@ def error_summary(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
     }
 
 
-@renamed_kwargs(fmt="format")
 def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, format=None, **format_options) -> float:  # noqa: A002
     """Share of the entries of x that lie beyond the largest magnitude their block can represent
     (they were clipped). With a format, the block limits come from the format; without one,
@@ -86,9 +84,11 @@ def saturation_ratio(x: torch.Tensor, x_hat: torch.Tensor, format=None, **format
         raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if x.numel() == 0:
         return 0.0
-    if format is None:
-        return int((x.detach().abs() > x_hat.detach().abs().max()).sum()) / x.numel()
     unknown = sorted(set(format_options) - set(FORMAT_OPTIONS))
-    if unknown:
+    if unknown:  # checked with or without a format: a misspelled keyword is never ignored
         raise TypeError(f"unknown format option(s) {', '.join(unknown)}; accepted: {', '.join(FORMAT_OPTIONS)}")
+    if format is None:
+        if format_options:
+            raise TypeError(f"format options {', '.join(sorted(format_options))} need a format (format=...)")
+        return int((x.detach().abs() > x_hat.detach().abs().max()).sum()) / x.numel()
     return int(saturated(x, options_for(x, format, **format_options)).sum()) / x.numel()

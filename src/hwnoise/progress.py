@@ -1,33 +1,32 @@
-"""Progress callbacks: ``on_progress(label, done, total)`` everywhere (README, "Names").
+"""Progress callbacks: ``on_progress(label, done, total)`` everywhere.
 
-``progress_reporter`` turns the callbacks a long-running function was given into one
-``report(phase, item, done, total)``: it calls ``on_progress(f"{phase} {item}", done, total)`` and,
-for one release, the old ``on_step(phase, item)`` (which warns once, when it is given).
+``progress_reporter`` turns the callback a long-running function was given into one
+``report(phase, item, done, total)``, which calls ``on_progress(f"{phase} {item}", done, total)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .compat import warn_renamed
-
 __all__ = ["ProgressCallback", "progress_reporter"]
 
 ProgressCallback = Callable[[str, int, int], None]
 
 
-def progress_reporter(on_progress: ProgressCallback | None, on_step: Callable[[str, str], None] | None = None,
-                      *, what: str = "") -> Callable[[str, str, int, int], None]:
-    """One ``report(phase, item, done, total)`` for ``on_progress`` and the deprecated ``on_step``."""
-    for name, cb in (("on_progress", on_progress), ("on_step", on_step)):
-        if cb is not None and not callable(cb):
-            raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
-    if on_step is not None:
-        warn_renamed("on_step(phase, name)", "on_progress(label, done, total)", stacklevel=4, what=what)
+def progress_reporter(on_progress: ProgressCallback | None, *, what: str = "") -> Callable[[str, str, int, int], None]:
+    """One ``report(phase, item, done, total)`` for ``on_progress`` (None: report does nothing).
+
+    Args:
+        on_progress: ``on_progress(label, done, total)`` or None.
+        what: the caller's name, for the error when ``on_progress`` is not callable.
+
+    Example: ``report = progress_reporter(print); report("metrics", "layers.0.mlp", 1, 30)``
+    prints ``metrics layers.0.mlp 1 30``.
+    """
+    if on_progress is not None and not callable(on_progress):
+        raise TypeError(f"on_progress{f' of {what}' if what else ''} must be callable, got {type(on_progress).__name__}")
 
     def report(phase: str, item: str, done: int, total: int) -> None:
-        if on_step is not None:
-            on_step(phase, item)
         if on_progress is not None:
             on_progress(f"{phase} {item}", done, total)
 

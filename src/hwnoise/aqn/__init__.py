@@ -4,7 +4,6 @@
 master copy and restores them exactly; the schedules say how strong it is at each step.
 """
 
-from ..compat import module_aliases
 from . import schedules
 from .multipliers import LayerMultipliers
 from .noise import AQN, LINEAR_SIGMA_WARNING, NOISE_ROUNDING, NoiseStats
@@ -22,5 +21,3 @@ __all__ = [
     "StagedDecay",
     "schedules",
 ]
-
-__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "NOISE_ROUNDING"})

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..formats import quantize
 from ..select import LAYER_TYPES, decoder_layer_index, decoder_layer_indices, is_rmsnorm, parse_layers, select_modules
-from ..compat import module_aliases, renamed_kwargs, warn_renamed
 from .multipliers import LayerMultipliers
 from .schedules import Schedule
 
@@ -92,7 +91,6 @@ class AQN:
     One AQN instance holds one model's clean copy at a time.
     """
 
-    @renamed_kwargs(layer_types="targets")
     def __init__(
         self,
         schedule: Schedule,
@@ -328,12 +326,3 @@ class AQN:
             stacklevel=3,
         )
 
-
-def _layer_types(self):
-    warn_renamed("AQN.layer_types", "AQN.targets")
-    return self.targets
-
-
-AQN.layer_types = property(_layer_types, doc="Deprecated name of ``targets``.")
-
-__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "NOISE_ROUNDING"})

@@ -8,7 +8,6 @@ interval supports it. See ``core`` (evaluate, resume), ``generate`` (batched gre
 ``stats`` (the statistics, from scipy) and ``report`` (EvalReport).
 """
 
-from ..compat import module_aliases
 from .core import (
     EVAL_RUN_FILE,
     RECORDS_FILE,
@@ -36,4 +35,3 @@ __all__ = [
     "parse_settings", "read_records", "robustness_class", "wilson_interval",
 ]
 
-__getattr__ = module_aliases(__name__, {"METRICS": "ANSWER_METRICS", "RUN_FILE": "EVAL_RUN_FILE"})

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compat import module_aliases
 from ..io import atomic_write_json, prepare_out_dir
 from .stats import CONFIDENCE, Comparison, compare, wilson_interval
 from . import views
@@ -131,4 +130,3 @@ class EvalReport:
         return json.loads(path.read_text(encoding="utf-8"))
 
 
-__getattr__ = module_aliases(__name__, {"METRICS": "ANSWER_METRICS"})

@@ -14,7 +14,6 @@ from functools import lru_cache
 
 import torch
 
-from ..compat import renamed_kwargs
 from . import kernels
 from .blocks import BlockLayout, from_blocks, to_blocks
 from .elements import ElementFormat, floor_log2, pow2
@@ -100,7 +99,6 @@ def _lookup(codes: torch.Tensor, elem: ElementFormat) -> torch.Tensor:
     return decode_table(elem).to(codes.device)[codes.long()]
 
 
-@renamed_kwargs(fmt="format")
 def encode(x: torch.Tensor, format, *, scale_mode=None, rounding=None, block=None, axis=None, seed=None,  # noqa: A002
            flavor=None) -> Encoded:
     """Quantize `x` to `format` into storage form (see the module docstring for the layout)."""

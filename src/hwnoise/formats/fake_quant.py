@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import renamed_kwargs
 from . import kernels
 from .blocks import from_blocks, normalize_axes, to_blocks
 from .compiled import CompileCache, worth_compiling
@@ -42,7 +41,6 @@ def _check_tensor(x) -> None:
         raise TypeError(f"quantize expects a float32, bfloat16 or float16 tensor, got {x.dtype}")
 
 
-@renamed_kwargs(fmt="format")
 def options_for(x: torch.Tensor, format, *, scale_mode=None, rounding=None, block=None, axis=None,  # noqa: A002
                 flavor=None) -> Options:
     """The resolved, validated options that `quantize(x, format, ...)` would use (hashable).
@@ -209,7 +207,6 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None, None
 
 
-@renamed_kwargs(fmt="format")
 def quantize(
     x: torch.Tensor,
     format="mxfp4",  # noqa: A002 - the one name for a number format in the public API

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 
-from ..compat import module_aliases
 from .elements import round_stochastic
 
 GROUP_SIZE = 64
@@ -200,4 +199,3 @@ def quantize_groups(x: torch.Tensor, rounding: str = "half_away", uniform: torch
     return decode_groups(encode_groups(x, rounding, uniform))
 
 
-__getattr__ = module_aliases(__name__, {"ROUNDING_MODES": "HIF4_ROUNDING_MODES"})

@@ -51,8 +51,7 @@ class FormatSpec:
         return replace(self, **changed) if changed else self
 
     # quantize / encode / decode are functions of the modules above this one
-    # (hwnoise.formats.quantize(x, format), encode(x, format), decode(encoded)); the old methods of the
-    # same names are kept for one release by hwnoise/formats/__init__.py, with a deprecation warning.
+    # (hwnoise.formats.quantize(x, format), encode(x, format), decode(encoded)): the registry imports none of them.
 
 
 def resolve_options(fmt: FormatSpec, scale_mode=None, rounding=None, block=None, flavor=None) -> dict:

@@ -25,19 +25,17 @@ def survey_formats(
     weights: dict[str, torch.Tensor],
     formats: Iterable[str] = DEFAULT_SURVEY,
     on_progress: ProgressCallback | None = None,
-    *,
-    on_step: Callable[[str, str], None] | None = None,
 ) -> dict:
     """Quantize every weight with every format. Per format: SQNR over all weights together, the
     mean and minimum of per-layer SQNR, MSE, mean relative error, deadzone and saturation ratios
     (element-weighted over all weights), bits per value, and the per-layer rows.
 
     on_progress(label, done, total) is called after each weight: label "<format> <weight name>",
-    done of total weights of that format (``on_step(format, name)`` is the deprecated form)."""
+    done of total weights of that format."""
     if not weights:
         raise ValueError("no weights to survey: the model has no nn.Linear modules")
     specs = [get(f) for f in formats]  # fail on a bad name before any work
-    report = progress_reporter(on_progress, on_step, what="survey_formats")
+    report = progress_reporter(on_progress, what="survey_formats")
     out = {}
     for fmt in specs:
         layers, signal, noise, count = {}, 0.0, 0.0, 0

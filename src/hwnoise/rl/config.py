@@ -4,8 +4,6 @@ Loaded from YAML (nested sections or dotted keys) with ``key=value`` overrides w
 the dataclass (``aqn.sigma_start=0.01``, ``lora.targets=q_proj,v_proj``, ``emulation.rollout=null``).
 The emulated hardware is one emulation spec per phase (``emulation.rollout: "weights:mxfp4+relative:0.05@ops"``,
 the language of ``hwnoise.emulation.Emulation.parse``); ``emulation_for(phase)`` gives the ``Emulation``.
-The field-by-field form of earlier releases (``emulation.weight_format``, ``weight_phase``, ``noise``, ...)
-is still read, with a deprecation warning, and translated to the per-phase specs.
 
 ``validate()`` builds the domain objects (each phase's ``Emulation``, the AQN schedule and selection,
 the layer multipliers) and reports their errors under the config key, plus the rules only a training
@@ -27,8 +25,6 @@ from pathlib import Path
 
 import yaml
 
-from ..compat import module_aliases, renamed_kwargs, warn_renamed
-
 __all__ = [
     "AQN_SCHEDULES",
     "FINETUNE_MODES",
@@ -44,13 +40,18 @@ __all__ = [
     "LoggingConfig",
     "RewardConfig",
     "TrainConfig",
+    "aqn_problems",
+    "aqn_schedule",
+    "coerce_section",
+    "coerce_value",
+    "parse_emulation",
     "parse_override",
+    "unknown_keys_error",
 ]
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 AQN_SCHEDULES = ("staged", "epoch_aware", "constant")
 _PHASES = ("rollout", "training")  # hwnoise.inject.PHASES: the phases that each have an emulation spec
-_INJECTION_PHASES = _PHASES + ("both",)  # hwnoise.inject.INJECTION_PHASES (the old keys' *_phase values)
 REWARD_MODES = ("strict", "flexible")
 FINETUNE_MODES = ("full", "lora")
 DEVICES = ("auto", "cpu", "cuda")
@@ -136,83 +137,6 @@ class EmulationConfig:
                                   "algorithm.gradient_checkpointing: false.")
 
 
-# The field-by-field emulation keys of earlier releases: name -> (type, default). Read with a warning
-# and translated to the per-phase specs (``_legacy_specs``).
-_LEGACY_EMULATION = {
-    "weight_format": (str | None, None),
-    "weight_phase": (str, "rollout"),
-    "input_format": (str | None, None),
-    "input_phase": (str, "rollout"),
-    "noise": (str | None, None),
-    "noise_scale": (float, 0.0),
-    "noise_ops": (tuple[str, ...], ("linear", "matmul", "bmm")),
-    "noise_phase": (str, "rollout"),
-    "targets": (str, "linear"),
-    "exclude": (tuple[str, ...], ()),
-}
-_NEW_EMULATION_FORM = "emulation.rollout / emulation.training (an emulation spec, e.g. 'weights:mxfp4+relative:0.05@ops')"
-
-
-def _spec_number(value: float) -> str:
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
-
-
-def _legacy_specs(old: dict) -> tuple[dict[str, str], dict[str, list[str]], list[str]]:
-    """The old emulation keys as ``({phase: spec}, {phase: [old keys behind it]}, problems)``."""
-    values = {name: default for name, (_, default) in _LEGACY_EMULATION.items()}
-    values.update(old)
-    problems = []
-    for name in ("weight_phase", "input_phase", "noise_phase"):
-        if values[name] not in _INJECTION_PHASES:
-            problems.append(f"emulation.{name}: unknown value {values[name]!r}; known: {', '.join(_INJECTION_PHASES)}")
-    noise = values["noise"]
-    if noise is not None:
-        if not (math.isfinite(values["noise_scale"]) and values["noise_scale"] > 0):
-            problems.append(f"emulation.noise: {noise!r} needs emulation.noise_scale > 0; got {values['noise_scale']}")
-        if not values["noise_ops"]:
-            problems.append("emulation.noise needs at least one emulation.noise_ops entry")
-    specs, sources = {}, {}
-    for phase in _PHASES:
-        parts, keys = [], []
-
-        def active(what):
-            return values[what] is not None and values[f"{what.split('_')[0]}_phase"] in (phase, "both")
-
-        if active("weight_format"):
-            parts.append(f"weights:{values['weight_format']}")
-            keys += ["emulation.weight_format", "emulation.weight_phase"]
-        if active("input_format"):
-            parts.append(f"inputs:{values['input_format']}")
-            keys += ["emulation.input_format", "emulation.input_phase"]
-        selects = bool(parts)
-        if active("noise"):
-            ops = tuple(values["noise_ops"])
-            if set(ops) == {"linear", "matmul", "bmm"}:
-                op_list = ""
-            elif "all" in ops:
-                op_list = "[all]"
-            else:
-                op_list = f"[{','.join(ops)}]"
-            parts.append(f"{noise}:{_spec_number(values['noise_scale'])}@ops{op_list}")
-            keys += ["emulation.noise", "emulation.noise_scale", "emulation.noise_ops", "emulation.noise_phase"]
-        if selects and values["targets"] != "linear":
-            parts.append(f"targets:{values['targets']}")
-        if selects and values["exclude"]:
-            parts.append("exclude:" + ",".join(values["exclude"]))
-        if parts:
-            spec = "+".join(parts)
-            try:
-                from ..emulation import Emulation
-
-                spec = Emulation.parse(spec).spec  # the canonical spelling; a bad one is reported by validate
-            except ValueError:
-                pass
-            specs[phase] = spec
-            sources[phase] = [k for k in keys if k.rsplit(".", 1)[-1] in old]
-    return specs, sources, problems
-
-
 @dataclass
 class AQNConfig:
     enabled: bool = _field(False, "Adaptive Quantization Noise on the rollouts (QeRL): Gaussian noise on "
@@ -230,22 +154,6 @@ class AQNConfig:
     multipliers: str | None = _field(None, "Per-layer multipliers JSON exported by `hwnoise scan` "
                                      "(sigma_multipliers.json); null: 1 everywhere.")
     seed: int | None = _field(None, "Seed of the noise draws (null: the run's seed).")
-
-
-def _aqn_layer_types(self):
-    warn_renamed("AQNConfig.layer_types", "AQNConfig.targets")
-    return self.targets
-
-
-def _set_aqn_layer_types(self, value):
-    warn_renamed("AQNConfig.layer_types", "AQNConfig.targets")
-    self.targets = value
-
-
-# AQN selects modules with ``targets`` like every other selection (names table); the old name works until 0.3.
-AQNConfig.__init__ = renamed_kwargs(layer_types="targets")(AQNConfig.__init__)
-AQNConfig.layer_types = property(_aqn_layer_types, _set_aqn_layer_types,
-                                 doc="Deprecated name of ``targets``.")
 
 
 @dataclass
@@ -326,11 +234,17 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of settings at the top level; got {type(data).__name__}")
         config = cls()
-        for key, value in _flatten(data, source):
-            config.set(key, value, source=source)
-        for item in overrides:
-            key, value = parse_override(item)
-            config.set(key, value, source="command line", raw=True)
+        leaves = _leaf_fields(cls)
+        items = [(key, value, source, False) for key, value in _flatten(data, source)]
+        items += [(*parse_override(item), "command line", True) for item in overrides]
+        unknown = {}  # source -> keys: every unknown key is named at once, before any is set
+        for key, _, where, _ in items:
+            if key not in leaves:
+                unknown.setdefault(where, []).append(key)
+        if unknown:
+            raise unknown_keys_error(unknown, leaves)
+        for key, value, where, raw in items:
+            config.set(key, value, source=where, raw=raw)
         return config
 
     @classmethod
@@ -348,65 +262,16 @@ class TrainConfig:
         return cls.from_dict(data, overrides, source=f"config file {str(path)!r}")
 
     def set(self, key: str, value, *, source: str = "config", raw: bool = False) -> None:
-        """Set one dotted key; ``raw``: ``value`` is command-line text, parsed by the field's type.
-
-        The old keys (``aqn.layer_types``, ``emulation.weight_format`` and the other field-by-field
-        emulation keys) are accepted with a deprecation warning: ``aqn.layer_types`` sets
-        ``aqn.targets``; the emulation keys are translated to the per-phase specs they amount to.
-        """
-        given = self.__dict__.setdefault("_given", set())  # keys set so far (not a field: not compared)
-        if key == "aqn.layer_types":
-            warn_renamed(f"{key} ({source})", "aqn.targets", what="TrainConfig key")
-            if "aqn.targets" in given:
-                raise ConfigError(f"{source}: aqn.layer_types (old name) and aqn.targets both given; give only aqn.targets")
-            key = "aqn.targets"
-        elif key == "aqn.targets" and "aqn.layer_types" in given:
-            raise ConfigError(f"{source}: aqn.layer_types (old name) and aqn.targets both given; give only aqn.targets")
-        section, _, name = key.partition(".")
-        if section == "emulation" and name in _LEGACY_EMULATION:
-            warn_renamed(f"{key} ({source})", _NEW_EMULATION_FORM, what="TrainConfig key")
-            given.add(key)
-            legacy = self.__dict__.setdefault("_legacy_emulation", {})
-            legacy[name] = _coerce(value, _LEGACY_EMULATION[name][0], key, raw)
-            self._sync_legacy_emulation(source)
-            return
+        """Set one dotted key; ``raw``: ``value`` is command-line text, parsed by the field's type."""
         leaves = _leaf_fields(type(self))
         if key not in leaves:
-            raise ConfigError(_unknown_key_message(key, leaves, source))
-        spec = leaves[key]
-        coerced = _coerce(value, spec["type"], key, raw)
-        if section == "emulation" and name in _PHASES:
-            sources = self.__dict__.get("_legacy_sources", {})
-            if name in sources:
-                raise ConfigError(self._mixed_message(name, source))
-        given.add(key)
+            raise unknown_keys_error({source: [key]}, leaves)
+        coerced = coerce_value(value, leaves[key]["type"], key, raw)
         target = self
         *sections, name = key.split(".")
         for section in sections:
             target = getattr(target, section)
         setattr(target, name, coerced)
-
-    def _mixed_message(self, phase: str, source: str) -> str:
-        old = ", ".join(self.__dict__["_legacy_sources"][phase])
-        return (f"{source}: emulation.{phase} and the old key(s) {old} both set the {phase} emulation; give only "
-                f"emulation.{phase} (the old keys amount to {self.emulation_specs_from_old_keys()[phase]!r})")
-
-    def emulation_specs_from_old_keys(self) -> dict[str, str]:
-        """``{phase: spec}`` the old field-by-field emulation keys given so far translate to."""
-        return _legacy_specs(self.__dict__.get("_legacy_emulation", {}))[0]
-
-    def _sync_legacy_emulation(self, source: str) -> None:
-        specs, sources, problems = _legacy_specs(self.__dict__["_legacy_emulation"])
-        given = self.__dict__.get("_given", set())
-        previous = self.__dict__.get("_legacy_sources", {})
-        self.__dict__["_legacy_sources"], self.__dict__["_legacy_problems"] = sources, problems
-        for phase in _PHASES:
-            if phase in specs:
-                if f"emulation.{phase}" in given:
-                    raise ConfigError(self._mixed_message(phase, source))
-                setattr(self.emulation, phase, specs[phase])
-            elif phase in previous:  # an old *_phase key moved the emulation to the other phase
-                setattr(self.emulation, phase, None)
 
     def to_dict(self) -> dict:
         """Nested plain data (tuples as lists): what hwnoise_config.yaml holds."""
@@ -510,38 +375,19 @@ class TrainConfig:
                 add("finetune: lora needs at least one lora.targets entry")
 
         # Emulation: each phase's spec parsed by Emulation (formats, error models, ops, targets).
-        problems.extend(self.__dict__.get("_legacy_problems", ()))
         emulation = {}
         for phase in _PHASES:
             try:
-                emulation[phase] = self.emulation_for(phase)
-            except ValueError as err:
-                old = self.__dict__.get("_legacy_sources", {}).get(phase)
-                add(f"emulation.{phase}" + (f" (from {', '.join(old)})" if old else "") + f": {err}")
+                emulation[phase] = parse_emulation(getattr(self.emulation, phase), f"emulation.{phase}")
+            except ConfigError as err:
+                add(str(err))
 
         # AQN: the schedule, the selection and the multipliers check themselves.
         q = self.aqn
         if q.enabled:
-            try:
-                schedule = aqn_schedule(q)
-            except ValueError as err:
-                add(f"aqn ({q.schedule} schedule): {err}")
-            else:
-                from ..aqn import AQN
-
-                try:
-                    AQN(schedule, targets=q.targets)
-                except ValueError as err:
-                    add(f"aqn.targets: {err}")
+            problems.extend(aqn_problems(q, "aqn"))
             if q.schedule == "epoch_aware" and self.epochs is None:
                 add("aqn.schedule: epoch_aware restarts each epoch, so it needs `epochs` (not `steps`)")
-            if q.multipliers is not None:
-                from ..aqn import LayerMultipliers
-
-                try:
-                    LayerMultipliers.from_json(q.multipliers)
-                except ValueError as err:
-                    add(f"aqn.multipliers: {err}")
         training, rollout = emulation.get("training"), emulation.get("rollout")
         if training is not None and not training.is_clean and a.gradient_checkpointing:
             add("emulation in the training phase needs algorithm.gradient_checkpointing: false (checkpointing "
@@ -603,6 +449,7 @@ class TrainConfig:
             add("logging.report_to: 'none' cannot be combined with other reporters")
 
         if problems:
+            problems = list(dict.fromkeys(problems))  # a shared check may repeat a choice check's finding
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(problems))
         self.__dict__["_validated"] = self.state_key()
         return self
@@ -644,8 +491,64 @@ def aqn_schedule(q: AQNConfig):
     return StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
 
 
-# rl.config.PHASES was the old keys' *_phase values: hwnoise.inject.INJECTION_PHASES.
-__getattr__ = module_aliases(__name__, {"PHASES": "hwnoise.inject.phases:INJECTION_PHASES"})
+def parse_emulation(spec: str | None, key: str):
+    """The ``Emulation`` of one config key's spec (null: clean); a bad spec is a ``ConfigError``
+    "KEY: what is wrong and what is accepted" (``hwnoise train``'s ``emulation.*`` and the verl keys
+    alike; verl's messages give ``KEY=VALUE`` as the key).
+
+    Example: ``parse_emulation("weights:mxfp4", "emulation.rollout").weight_format == "mxfp4"``.
+    """
+    from ..emulation import Emulation
+
+    if spec is None:
+        return Emulation()
+    try:
+        return Emulation.parse(spec)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def aqn_problems(q: AQNConfig, prefix: str) -> list[str]:
+    """What is wrong with an enabled ``AQNConfig`` (``prefix``: its keys' section, e.g. "aqn"): an
+    unknown schedule, schedule bounds, the selection and the multipliers file, each checked by the
+    ``hwnoise.aqn`` object it builds. Shared by ``hwnoise train`` and the verl keys.
+
+    Example: ``aqn_problems(AQNConfig(enabled=True, sigma_end=0.0), "aqn")`` names ``aqn``'s sigma_end.
+    """
+    from ..aqn import AQN, LayerMultipliers
+
+    problems = []
+    if q.schedule not in AQN_SCHEDULES:
+        return [f"{prefix}.schedule: unknown value {q.schedule!r}; known: {', '.join(AQN_SCHEDULES)}"]
+    try:
+        schedule = aqn_schedule(q)
+    except ValueError as err:
+        problems.append(f"{prefix} ({q.schedule} schedule): {err}")
+    else:
+        try:
+            AQN(schedule, targets=q.targets)
+        except ValueError as err:
+            problems.append(f"{prefix}.targets: {err}")
+    if q.multipliers is not None:
+        try:
+            LayerMultipliers.from_json(q.multipliers)
+        except ValueError as err:
+            problems.append(f"{prefix}.multipliers: {err}")
+    return problems
+
+
+def coerce_section(cls, values: dict, prefix: str, *, raw: bool = False):
+    """A section dataclass (e.g. ``AQNConfig``) from ``{field name: value}``, each value coerced to
+    its field's type; unknown names are one ``ConfigError`` naming all of them.
+
+    Example: ``coerce_section(AQNConfig, {"enabled": True, "stages": 5}, "aqn").stages == 5``.
+    """
+    leaves = _leaf_fields(cls, f"{prefix}.")
+    unknown = [f"{prefix}.{name}" for name in values if f"{prefix}.{name}" not in leaves]
+    if unknown:
+        raise unknown_keys_error({"config": unknown}, leaves)
+    return cls(**{name: coerce_value(value, leaves[f"{prefix}.{name}"]["type"], f"{prefix}.{name}", raw)
+                  for name, value in values.items()})
 
 
 def _leaf_fields(cls, prefix: str = "") -> dict[str, dict]:
@@ -679,12 +582,43 @@ def _flatten(data: dict, source: str, prefix: str = ""):
             yield full, value
 
 
-def _unknown_key_message(key: str, leaves: dict, source: str) -> str:
+def _key_hint(key: str, leaves, mark: str = "") -> str:
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    keys = [k for k in leaves if k.rsplit(".", 1)[0] == section] if section else []
+    if section.endswith("emulation") and keys:
+        # the emulated hardware is one spec per phase; nothing else lives in that section
+        return (f"the emulation is one spec per phase, {' or '.join(repr(mark + k) for k in keys)}, e.g. "
+                "'weights:mxfp4+relative:0.05@ops'")
     close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.6)
     if not close:  # a bare field name given without its section ("sigma_start")
         close = [k for k in leaves if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"{source}: unknown key {key!r}{hint}\nknown keys: {', '.join(leaves)}"
+    if close:
+        return f"did you mean {' or '.join(repr(mark + c) for c in close)}?"
+    if keys:
+        return f"the {section} section's keys are {', '.join(repr(mark + k) for k in keys)}"
+    return ""
+
+
+def unknown_keys_error(unknown: dict, leaves, *, what: str = "key", mark: str = "") -> ConfigError:
+    """One ``ConfigError`` naming every unknown key, each with its closest known keys (or the keys of
+    its section), then all known keys. Shared by ``hwnoise train`` and the verl keys.
+
+    Args:
+        unknown: ``{source: [unknown keys]}`` (source: "config", "command line", ...).
+        leaves: the known dotted keys.
+        what: what a key is called in the message ("key", "hwnoise key").
+        mark: put before suggested keys (verl's Hydra "+").
+
+    Example: ``unknown_keys_error({"config": ["aqn.sigma_strat"]}, ["aqn.sigma_start"])`` says
+    "config: unknown key 'aqn.sigma_strat'; did you mean 'aqn.sigma_start'?".
+    """
+    lines = []
+    for source, keys in unknown.items():
+        for key in keys:
+            hint = _key_hint(key, leaves, mark)
+            lines.append(f"{source}: unknown {what} {key!r}" + (f"; {hint}" if hint else ""))
+    head = lines[0] if len(lines) == 1 else f"{len(lines)} unknown {what}s:\n  " + "\n  ".join(lines)
+    return ConfigError(f"{head}\nknown {what}s: {', '.join(leaves)}")
 
 
 def parse_override(item: str) -> tuple[str, str]:
@@ -708,8 +642,13 @@ def _type_name(kind) -> str:
     return _TYPE_NAMES.get(kind) or getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
-def _coerce(value, kind, key: str, raw: bool):
-    """``value`` as the field type ``kind``; ``raw`` text is parsed first (YAML scalars, comma lists)."""
+def coerce_value(value, kind, key: str, raw: bool = False):
+    """``value`` as the field type ``kind`` (bool, int, float, str, ``X | None``, ``tuple[str, ...]``);
+    ``raw`` command-line text is parsed first (YAML scalars, comma lists). A value of another type is
+    a ``ConfigError`` naming ``key``, the value and the type accepted.
+
+    Example: ``coerce_value("0.01", float, "aqn.sigma_start", raw=True) == 0.01``.
+    """
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         optional = type(None) in args
@@ -719,7 +658,7 @@ def _coerce(value, kind, key: str, raw: bool):
                 return None
             raise ConfigError(f"{key} cannot be null")
         if len(inner) == 1:
-            return _coerce(value, inner[0], key, raw)
+            return coerce_value(value, inner[0], key, raw)
         raise ConfigError(f"{key}: unsupported field type {kind}")  # pragma: no cover - not used
     if origin is tuple:
         item_type = args[0] if args else str
@@ -733,7 +672,7 @@ def _coerce(value, kind, key: str, raw: bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list (of {_type_name(item_type)}); got {value!r}")
-        return tuple(_coerce(v, item_type, key, raw=False) for v in value)
+        return tuple(coerce_value(v, item_type, key, raw=False) for v in value)
     if raw and isinstance(value, str) and kind is not str:
         try:
             value = yaml.safe_load(value)

@@ -67,13 +67,6 @@ def describe_config(config: dict) -> dict[str, str]:
         spec = emu.get(phase)
         if spec and spec != "clean":
             parts.append(f"{spec} ({phase})")
-    # Run directories written before the per-phase specs hold the field-by-field form.
-    if emu.get("weight_format"):
-        parts.append(f"W {emu['weight_format']} ({emu.get('weight_phase', 'rollout')})")
-    if emu.get("input_format"):
-        parts.append(f"A {emu['input_format']} ({emu.get('input_phase', 'rollout')})")
-    if emu.get("noise") and emu.get("noise_scale"):
-        parts.append(f"{emu['noise']} {emu['noise_scale']:g} ({emu.get('noise_phase', 'rollout')})")
     aqn = config.get("aqn", {}) or {}
     if aqn.get("enabled"):
         kind = aqn.get("schedule", "staged")
@@ -113,8 +106,7 @@ def _records(run: dict, step: int, metric: str) -> dict[str, bool] | None:
 def _is_baseline_config(config: dict) -> bool:
     emu = config.get("emulation", {}) or {}
     specs = [emu.get(phase) for phase in ("rollout", "training")]
-    return not (any(spec and spec != "clean" for spec in specs) or emu.get("weight_format") or emu.get("input_format") or (emu.get("noise") and emu.get("noise_scale"))
-                or (config.get("aqn", {}) or {}).get("enabled"))
+    return not (any(spec and spec != "clean" for spec in specs) or (config.get("aqn", {}) or {}).get("enabled"))
 
 
 def _pick_baseline(runs: list[dict], baseline) -> int:

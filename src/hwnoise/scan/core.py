@@ -80,7 +80,6 @@ def scan(
     layers=None,
     exclude=None,
     on_progress: ProgressCallback | None = None,
-    on_step: Callable[[str, str], None] | None = None,
     model_name: str | None = None,
     plan=None,
     target_kl: float | None = None,
@@ -111,8 +110,7 @@ def scan(
     texts after the calibration ones when texts is None, else none; False: none).
     on_progress(label, done, total) is called after each module of each phase: label
     "<phase> <module name>" (phases "metrics", "end_to_end", then the plan search's "plan <format>"
-    and "plan joint"), done of total steps of that phase. ``on_step(phase, module_name)`` is its
-    deprecated form (still called, with a warning).
+    and "plan joint"), done of total steps of that phase.
     device, dtype: move / cast the model first (in place; None leaves it as it is: a model spread
     over devices by a device map stays so, and the texts go to its input embedding's device).
     The model's parameters are never written to; hooks are always removed.
@@ -121,7 +119,7 @@ def scan(
         raise ValueError(f"unknown where {where!r}; known: {', '.join(WHERE)}")
     resolved = resolve_format(format, format_options)  # the one registry look-up of the scan
     spec = resolved.spec
-    report_progress = progress_reporter(on_progress, on_step, what="scan")
+    report_progress = progress_reporter(on_progress, what="scan")
     base_spec = format.strip() if isinstance(format, str) else spec.name
     if plan is not None and plan is not False:
         if where != "weight":
@@ -283,5 +281,3 @@ def aggregate_layers(rows: Iterable[ModuleRow], thresholds: Thresholds) -> list[
             problems=thresholds.problems(m),
         ))
     return out
-
-

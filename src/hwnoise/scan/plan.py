@@ -225,18 +225,16 @@ def search_plan(
     scale_check: bool = True,
     saturation_threshold: float = 0.01,
     on_progress: ProgressCallback | None = None,
-    on_step: Callable[[str, str], None] | None = None,
     report: Callable[[str, str, int, int], None] | None = None,
 ) -> PlanResult:
     """Search a format per module (see the module docstring). ``solo``: module -> (loss increase,
     KL) with only that module in ``base`` (the scan's end-to-end effects). ``quantized``: the base
     format's weights already computed by the scan (reused, not recomputed). on_progress(label, done,
     total): after each solo pass ("plan <format> <module>", done of the modules) and each joint
-    pass ("plan joint <k> of <n> upgrades", done of the points measured so far, of the upgrades);
-    ``on_step(phase, name)`` is its deprecated form. ``report``: a ``progress_reporter`` the caller
-    (``scan``) already built, used instead of the two."""
+    pass ("plan joint <k> of <n> upgrades", done of the points measured so far, of the upgrades).
+    ``report``: a ``progress_reporter`` the caller (``scan``) already built, used instead."""
     if report is None:
-        report = progress_reporter(on_progress, on_step, what="search_plan")
+        report = progress_reporter(on_progress, what="search_plan")
     t0 = time.perf_counter()
     given = [(k, v) for k, v in (("kl", target_kl), ("loss", target_loss), ("bits", budget_bits)) if v is not None]
     if len(given) > 1:

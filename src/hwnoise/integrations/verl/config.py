@@ -18,10 +18,11 @@ dict that reaches the rollout workers' ``RolloutConfig``), each given with Hydra
 
 Values speak the project's language: emulation specs are ``hwnoise.emulation.Emulation.parse``
 strings (the op list and the excludes may ride in the spec), formats ``hwnoise.formats`` names,
-schedules ``hwnoise.aqn.schedules``, module selection ``aqn.targets`` (old name ``aqn.layer_types``,
-accepted with a deprecation warning). ``validate(config)``
+schedules ``hwnoise.aqn.schedules``, module selection ``aqn.targets``. The schema and checks
+shared with ``hwnoise train`` are ``hwnoise.rl.config``'s (one ``ConfigError``, the ``AQNConfig``
+section, its coercion and checks, emulation spec parsing, unknown-key messages). ``validate(config)``
 returns ``VerlSettings`` or raises ``ConfigError`` naming the key (with close matches for a
-misspelling) and what is accepted; ``prepare(config)`` also fills in the extension points
+misspelling, every unknown key at once) and what is accepted; ``prepare(config)`` also fills in the extension points
 (trainer mode, vLLM worker extension, plugin and HWNOISE_* variables in Ray's runtime_env).
 This module needs neither verl nor Ray.
 """
@@ -29,23 +30,21 @@ This module needs neither verl nor Ray.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ...aqn import Constant, EpochAwareDecay, LayerMultipliers, Schedule, StagedDecay
-from ...compat import warn_renamed
+from ...aqn import LayerMultipliers, Schedule
 from ...emulation import Emulation
 from ...inject.env import ENV_VARS
 from ...inject.ops import DEFAULT_OPS, resolve_ops
-from ...rl.config import AQN_SCHEDULES, AQNConfig
+from ...rl.config import (
+    AQNConfig, ConfigError, aqn_problems, aqn_schedule, coerce_section, coerce_value, parse_emulation,
+    unknown_keys_error,
+)
 
 __all__ = [
     "ACTOR_STRATEGIES", "ASYNC_TRAINER_MODES", "ConfigError", "KEYS", "PLUGIN_MODULE", "ROLLOUT_PREFIX",
-    "RENAMED_KEYS", "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
+    "TRAINER_MODE", "TRAINER_PREFIX", "VerlSettings", "WORKER_EXTENSION", "prepare", "rollout_settings", "validate",
 ]
 
 ROLLOUT_PREFIX = "actor_rollout_ref.rollout.custom.hwnoise"
@@ -63,8 +62,6 @@ _ENV_PATH = "ray_kwargs.ray_init.runtime_env.env_vars"
 _EXT_PATH = "actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls"
 
 _AQN_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(AQNConfig)}
-# Old key names -> new ones (accepted with a deprecation warning until hwnoise 0.3; names table).
-RENAMED_KEYS = {f"{ROLLOUT_PREFIX}.aqn.layer_types": f"{ROLLOUT_PREFIX}.aqn.targets"}
 KEYS: dict[str, str] = {
     f"{ROLLOUT_PREFIX}.emulation": "Rollout emulation spec (hwnoise.emulation.Emulation): 'clean' or 'weights:FMT' "
                                   "(W4A16: every linear weight the rollout engine receives is quantized to FMT), "
@@ -78,10 +75,6 @@ KEYS: dict[str, str] = {
                              "'relative:0.05@ops[linear,matmul]'.",
     f"{TRAINER_PREFIX}.seed": "Seed of the operator noise and (unless aqn.seed) of the AQN draws.",
 }
-
-
-class ConfigError(ValueError):
-    """An hwnoise key of a verl config is unknown, malformed, or asks for what cannot work."""
 
 
 # -- reading a verl config (OmegaConf DictConfig or plain dicts) ------------------------------------
@@ -119,58 +112,10 @@ def _leaves(data, prefix: str):
             yield full, value
 
 
-def _renamed(values: dict) -> dict:
-    """``values`` with old key names replaced by the new ones (warning); both given is an error."""
-    out = {}
-    for key, value in values.items():
-        new = RENAMED_KEYS.get(key)
-        if new is not None:
-            if new in values:
-                raise ConfigError(f"{key} (old name) and {new} are both set; give only +{new}")
-            warn_renamed(f"+{key}", f"+{new}", what="verl key", stacklevel=4)
-            key = new
-        out[key] = value
-    return out
-
-
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(KEYS), n=3, cutoff=0.75)
-    if not close:  # right leaf, wrong place ("trainer.hwnoise.aqn.sigma_start")
-        tail = key.rsplit(".", 1)[-1]
-        close = [k for k in KEYS if k.rsplit(".", 1)[-1] == tail][:3]
-    hint = f"; did you mean {' or '.join('+' + c for c in close)}?" if close else ""
-    return ConfigError(f"unknown hwnoise key {key!r}{hint}\nknown keys: {', '.join(KEYS)}")
-
-
-def _coerce(key: str, value, annotation):
-    """``value`` as the AQNConfig field type ``annotation`` (Hydra already parsed numbers and lists)."""
-    hint = typing.get_type_hints(AQNConfig)[key.rsplit(".", 1)[-1]] if annotation is None else annotation
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-            raise ConfigError(f"{key}={value!r}: expected a list of names, e.g. [{', '.join(map(str, args[:1] or ['rmsnorm']))}]")
-        return tuple(i.strip() for i in items if i.strip())
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r}: expected a finite number")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}={value!r}: expected a string")
-    return value
+def _check_known(values: dict) -> None:
+    unknown = [key for key in values if key not in KEYS]
+    if unknown:  # every unknown key at once, as hwnoise train names them
+        raise unknown_keys_error({"verl config": unknown}, KEYS, what="hwnoise key", mark="+")
 
 
 # -- the settings -----------------------------------------------------------------------------------
@@ -231,27 +176,13 @@ def _multipliers_json(m: LayerMultipliers | None):
             "targeted": sorted(m.targeted) if m.targeted is not None else None}
 
 
-def _schedule(q: AQNConfig, key: str) -> Schedule:
-    try:
-        if q.schedule == "constant":
-            return Constant(q.sigma_start)
-        if q.schedule == "epoch_aware":
-            return EpochAwareDecay(q.sigma_start, q.sigma_end, stages_per_epoch=q.stages)
-        return StagedDecay(q.sigma_start, q.sigma_end, stages=q.stages)
-    except ValueError as err:
-        raise ConfigError(f"{key}: {err}") from None
-
-
 def _rollout_part(values: dict) -> dict:
     """Rollout-side keys -> VerlSettings fields."""
     out: dict = {}
     key = f"{ROLLOUT_PREFIX}.emulation"
     if key in values:
         spec = values[key]
-        try:
-            emulation = Emulation.parse(spec)
-        except ValueError as err:
-            raise ConfigError(f"{key}={spec!r}: {err}") from None
+        emulation = parse_emulation(spec, f"{key}={spec!r}")
         if emulation.error is not None:
             raise ConfigError(f"{key}={spec!r}: operator noise reaches every verl process through HWNOISE_* "
                               f"variables, not the rollout alone; set +{TRAINER_PREFIX}.emulation={emulation.error}"
@@ -282,24 +213,20 @@ def _rollout_part(values: dict) -> dict:
         out["weight_exclude"] = tuple(exclude)
     aqn_keys = {k.rsplit(".", 1)[-1]: v for k, v in values.items() if k.startswith(f"{ROLLOUT_PREFIX}.aqn.")}
     if aqn_keys:
-        fields = {name: _coerce(f"{ROLLOUT_PREFIX}.aqn.{name}", v, None) for name, v in aqn_keys.items()}
-        q = AQNConfig(**fields)
+        q = coerce_section(AQNConfig, aqn_keys, f"{ROLLOUT_PREFIX}.aqn")  # hwnoise train's aqn section
         if not q.enabled:
             return out
-        if q.schedule not in AQN_SCHEDULES:
-            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.schedule={q.schedule!r}: accepted: {', '.join(AQN_SCHEDULES)}")
+        problems = aqn_problems(q, f"{ROLLOUT_PREFIX}.aqn")  # the checks hwnoise train runs
+        if problems:
+            raise ConfigError("; ".join(problems))
         if tuple(q.targets) != ("rmsnorm",):
-            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.targets={list(q.targets)} (old name aqn.layer_types): "
-                              "only [rmsnorm] on the vLLM "
+            raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.targets={list(q.targets)}: only [rmsnorm] on the vLLM "
                               "engine (vLLM fuses and shards linear weights, e.g. qkv_proj, so per-weight noise "
                               "of the trained model does not map onto them)")
         out["aqn"] = q
-        out["schedule"] = _schedule(q, f"{ROLLOUT_PREFIX}.aqn")
+        out["schedule"] = aqn_schedule(q)
         if q.multipliers is not None:
-            try:
-                out["multipliers"] = LayerMultipliers.coerce(q.multipliers)
-            except ValueError as err:
-                raise ConfigError(f"{ROLLOUT_PREFIX}.aqn.multipliers: {err}") from None
+            out["multipliers"] = LayerMultipliers.from_json(q.multipliers)
     return out
 
 
@@ -318,15 +245,12 @@ def _trainer_part(values: dict) -> dict:
     out: dict = {}
     key = f"{TRAINER_PREFIX}.seed"
     if key in values:
-        out["seed"] = _coerce(key, values[key], int)
+        out["seed"] = coerce_value(values[key], int, key)
     key = f"{TRAINER_PREFIX}.emulation"
     ops_key = f"{TRAINER_PREFIX}.ops"
     if key in values:
         spec = values[key]
-        try:
-            emulation = Emulation.parse(spec)
-        except ValueError as err:
-            raise ConfigError(f"{key}={spec!r}: {err}") from None
+        emulation = parse_emulation(spec, f"{key}={spec!r}")
         if emulation.weight_format or emulation.input_format or emulation.aqn_sigma:
             raise ConfigError(f"{key}={spec!r}: only operator noise ('relative:0.05@ops') goes here; the rollout "
                               f"weight format is {ROLLOUT_PREFIX}.emulation=weights:FMT, AQN {ROLLOUT_PREFIX}.aqn.*, "
@@ -355,10 +279,7 @@ def _values(config) -> dict:
         node = _select(config, prefix)
         if node is not None:
             values.update(_leaves(_plain(node), prefix))
-    values = _renamed(values)
-    for key in values:
-        if key not in KEYS:
-            raise _unknown(key)
+    _check_known(values)
     # hwnoise keys put where verl has no room for them never reach validation otherwise
     for misplaced in ("actor_rollout_ref.actor.hwnoise", "actor_rollout_ref.model.hwnoise",
                       "actor_rollout_ref.rollout.hwnoise", "hwnoise"):
@@ -373,10 +294,8 @@ def rollout_settings(custom) -> VerlSettings:
     node = (_plain(custom) or {}).get("hwnoise") if custom is not None else None
     if node is None:
         return VerlSettings()
-    values = _renamed(dict(_leaves(node, ROLLOUT_PREFIX)))
-    for key in values:
-        if key not in KEYS:
-            raise _unknown(key)
+    values = dict(_leaves(node, ROLLOUT_PREFIX))
+    _check_known(values)
     return VerlSettings(**_rollout_part(values))
 
 
