@@ -290,3 +290,26 @@ def test_cli_refuses_bad_input_before_the_model_loads(args, match, monkeypatch, 
     assert result.exit_code == 2, result.output
     assert match in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
+
+
+# -- the short training loop (what the prediction is checked against) ---------------------------------------
+
+
+class _DecodingByteTokenizer(ByteTokenizer):
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(max(0, min(255, i - 2)) for i in ids if i >= 2).decode("utf-8", "replace")
+
+
+def test_training_loop_logs_the_sampler_difference_and_updates_a_copy(tiny):
+    from hwnoise.mismatch.training import measure_in_training
+
+    model, _ = tiny
+    snap = snapshot(model)
+    out = measure_in_training(model, _DecodingByteTokenizer(), ["clean", "weights:mxfp4"], steps=2, n=2, group=2,
+                              max_new_tokens=6, lr=1e-3)
+    clean, mx = out["settings"]
+    assert [r["step"] for r in clean["steps"]] == [0, 1]
+    # clean: the sampler (KV cache) and the training forward agree to float rounding; mxfp4: they do not
+    assert clean["steps"][0]["abs_logp_diff"] < 1e-4
+    assert mx["steps"][0]["abs_logp_diff"] > 10 * max(clean["steps"][0]["abs_logp_diff"], 1e-6)
+    assert bit_identical(model, snap)  # the loop trains a copy

@@ -103,14 +103,13 @@ def mismatch_command(
     console.print(f"[bold]{model}[/]: {len(settings)} rollout setting(s) vs training={train.spec}, {n} prompts x "
                   f"{samples_per_prompt}, up to {max_new_tokens} new tokens (loaded in {time.perf_counter() - t0:.1f} s)")
     with progress_bar() as progress:
-        task = progress.add_task("mismatch", total=None)
-        state = {"label": None}
+        state = {"label": None, "task": None}
 
         def on_progress(label, done, total):
-            if label != state["label"]:  # a new phase: its own count
+            if label != state["label"]:  # a new phase (sample / score a setting, attribute): its own count
                 state["label"] = label
-                progress.update(task, total=total, completed=0, description=label[:60])
-            progress.update(task, completed=done, description=label[:60])
+                state["task"] = progress.add_task(label[:60], total=total)
+            progress.update(state["task"], completed=done)
 
         try:
             report = mismatch(net, tokenizer, settings, training=train, prompts=prompts, n=n,
