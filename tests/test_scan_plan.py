@@ -52,7 +52,7 @@ def fragile():
 @pytest.fixture(scope="module")
 def planned(fragile):
     model, tok = fragile
-    return hn.scan(model, tok, TEXTS, format="mxfp4", plan=True, max_length=32, held_out=list(BUILTIN_TEXTS[8:16]))
+    return hn.scan(model, tok, texts=TEXTS, format="mxfp4", plan=True, max_length=32, held_out=list(BUILTIN_TEXTS[8:16]))
 
 
 def test_the_plan_buys_back_the_fragile_module_first(planned):
@@ -118,7 +118,7 @@ def test_default_target_is_a_third_of_the_whole_model_kl_and_held_out_is_measure
 
 def test_budget_bits_target_stays_within_budget(fragile):
     model, tok = fragile
-    report = hn.scan(model, tok, TEXTS, format="mxfp4", plan="bf16", budget_bits=6.0, max_length=32, held_out=False)
+    report = hn.scan(model, tok, texts=TEXTS, format="mxfp4", plan="bf16", budget_bits=6.0, max_length=32, held_out=False)
     plan = report.plan
     assert plan.target["kind"] == "bits" and plan.chosen_point["effective_bits"] <= 6.0
     assert WeightPlan.coerce(plan.formats).effective_bits(model) == pytest.approx(plan.chosen_point["effective_bits"])
@@ -127,7 +127,7 @@ def test_budget_bits_target_stays_within_budget(fragile):
 
 def test_several_candidate_formats_and_solo_passes_are_counted(fragile):
     model, tok = fragile
-    report = hn.scan(model, tok, TEXTS, format="mxfp4", plan="mxfp8_e4m3,bf16", target_kl=0.0, max_length=32,
+    report = hn.scan(model, tok, texts=TEXTS, format="mxfp4", plan="mxfp8_e4m3,bf16", target_kl=0.0, max_length=32,
                      held_out=False)
     plan = report.plan
     assert plan.candidates == ["mxfp4", "mxfp8_e4m3", "bf16"]
@@ -219,13 +219,13 @@ def test_plan_as_a_weight_format_everywhere(fragile, planned, tmp_path):
 def test_bad_plan_inputs_are_clear_errors(fragile, tmp_path):
     model, tok = fragile
     with pytest.raises(ValueError, match="one plan target"):
-        hn.scan(model, tok, TEXTS, plan=True, target_kl=0.1, budget_bits=5)
+        hn.scan(model, tok, texts=TEXTS, plan=True, target_kl=0.1, budget_bits=5)
     with pytest.raises(ValueError, match="not more than the scan's format"):
-        hn.scan(model, tok, TEXTS, format="mxfp8_e4m3", plan="mxfp4")
+        hn.scan(model, tok, texts=TEXTS, format="mxfp8_e4m3", plan="mxfp4")
     with pytest.raises(ValueError, match="where='weight'"):
-        hn.scan(model, tok, TEXTS, where="input", plan=True)
+        hn.scan(model, tok, texts=TEXTS, where="input", plan=True)
     with pytest.raises(ValueError, match="unknown format 'mxfp5'"):
-        hn.scan(model, tok, TEXTS, plan="mxfp5")
+        hn.scan(model, tok, texts=TEXTS, plan="mxfp5")
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"model.layers.9.mlp.down_proj": "mxfp4"}))
     with pytest.raises(ValueError, match="model.layers.9.mlp.down_proj"):

@@ -50,7 +50,7 @@ def test_format_resolved_once_per_scan(monkeypatch, where, spec, options):
     counts = []
     for layers in (1, 4):
         calls = count_registry_calls(monkeypatch)
-        report = hn.scan(tiny_llama(layers=layers), tok, TEXTS, format=spec, where=where, **options)
+        report = hn.scan(tiny_llama(layers=layers), tok, texts=TEXTS, format=spec, where=where, **options)
         assert len(report.rows) == 7 * layers + 1  # 7 linears per decoder layer + lm_head: more modules
         counts.append(dict(calls))
         monkeypatch.undo()

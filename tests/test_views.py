@@ -22,7 +22,7 @@ def test_rendering_leaves_the_backend_alone_and_writes_valid_pngs():
         from hwnoise.scan import views as scan_views
         from _scan_models import ByteTokenizer, tiny_llama
 
-        report = hn.scan(tiny_llama(layers=2), ByteTokenizer(), ["a b c d", "one two three"], format="mxfp4")
+        report = hn.scan(tiny_llama(layers=2), ByteTokenizer(), texts=["a b c d", "one two three"], format="mxfp4")
         images = scan_views.render_plots(report)
         assert images and all(png[:8] == b"\\x89PNG\\r\\n\\x1a\\n" for png in images.values()), list(images)
         from test_eval import char_tokenizer, problems, tiny_model

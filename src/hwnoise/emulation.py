@@ -43,8 +43,10 @@ from . import errors as E
 from .aqn import AQN, Constant
 from .formats import get as get_format, quantize
 from .inject.hooks import inject
+from .inject.keys import StepCounter, perturb
 from .inject.ops import ALL_OPS, DEFAULT_OPS, noisy_ops, resolve_ops
-from .plans import WeightPlan, check_weight_format, is_plan_spec
+from .inject.swap import quantized_input, quantized_weight, swapped_weights
+from .plans import WeightPlan, is_plan_spec, looks_like_path, resolve_weights
 from .select import parse_names, select_modules
 
 __all__ = ["EMULATION_WHERE", "Emulation", "EmulationStats", "format_number"]
@@ -63,11 +65,30 @@ def _derived_seed(seed: int, step: int, what: str, substep: int = 0) -> int:
     return E.noise_key(seed, site, "forward", step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+_EXPONENT_PLUS = re.compile(r"e\+0*(\d)")
+# A number written with an exponent sign '+' (1e+06): '+' joins spec parts, so it is written 1e6.
+_NUMBER_WITH_PLUS = re.compile(r"(?<![A-Za-z_0-9.])(?:\d+\.?\d*|\.\d+)[eE]\+\d+")
+
+
 def format_number(value: float) -> str:
     """A float as emulation specs write it: short (``0.01``, ``1e-05``) but exact (it parses back
-    to the same float)."""
+    to the same float), and never with a ``+`` (the part separator): ``1e6``, not ``1e+06``.
+
+    Args:
+        value: the number.
+
+    Example:
+        >>> format_number(1e6), format_number(0.01)
+        ('1e6', '0.01')
+    """
     short = f"{value:g}"
-    return short if float(short) == value else repr(value)
+    text = short if float(short) == value else repr(float(value))
+    return _EXPONENT_PLUS.sub(r"e\1", text)
+
+
+def _canonical_error(text: str) -> str:
+    """An error spec with every number written as ``format_number`` writes it where it held a '+'."""
+    return _NUMBER_WITH_PLUS.sub(lambda m: format_number(float(m.group(0))), text)
 
 
 @dataclass(frozen=True)
@@ -85,22 +106,31 @@ class Emulation:
     exclude: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
+        # Parsed once: the resolved parts (a FormatSpec or WeightPlan, a FormatSpec, an ErrorModel)
+        # live beside the fields; everything that applies or measures the condition uses them.
+        weights = inputs = error_model = None
         for name in ("weight_format", "input_format"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"{name} must be a format name such as 'mxfp4'; got {value!r}")
                 if name == "weight_format":  # a format, or a per-module plan (plan.json from `hwnoise scan --plan`)
-                    check_weight_format(value.strip())
+                    weights = resolve_weights(value.strip())
                 else:
-                    get_format(value.strip())  # unknown formats fail here, listing the known ones
+                    if is_plan_spec(value) or looks_like_path(value):
+                        raise ValueError(f"inputs:{value.strip()}: a plan chooses weight formats per module "
+                                         f"(weights:plan.json); inputs take one format, e.g. inputs:mxfp4")
+                    inputs = get_format(value.strip())  # unknown formats fail here, listing the known ones
                 object.__setattr__(self, name, value.strip())
         if self.error is not None:
             text = self.error if isinstance(self.error, str) else None
             if not text or not text.strip():
                 raise ValueError(f"error must be an error spec such as 'relative:0.05'; got {self.error!r}")
-            E.parse(text)  # unknown models or bad scales fail here, naming what is accepted
-            object.__setattr__(self, "error", text.strip())
+            error_model = E.parse(text)  # unknown models or bad scales fail here, naming what is accepted
+            object.__setattr__(self, "error", _canonical_error(text.strip()))
+        object.__setattr__(self, "_weights", weights)
+        object.__setattr__(self, "_inputs", inputs)
+        object.__setattr__(self, "_error", error_model)
         if self.where not in EMULATION_WHERE:
             raise ValueError(f"unknown where {self.where!r}; known: {', '.join(EMULATION_WHERE)}")
         ops = set(resolve_ops(self.ops))
@@ -119,10 +149,63 @@ class Emulation:
             object.__setattr__(self, "ops", DEFAULT_OPS)
         if self.error is None:
             object.__setattr__(self, "where", "ops")
-        selects = self.weight_format or self.input_format or (self.error is not None and self.where != "ops")
-        if not selects:
-            object.__setattr__(self, "targets", _DEFAULT_TARGETS)
-            object.__setattr__(self, "exclude", ())
+        # targets/exclude select modules for the weight format, the input format and module-level
+        # errors. Given where none of those reads them they would do nothing: refused, not dropped.
+        plan = isinstance(weights, WeightPlan)
+        module_error = self.error is not None and self.where != "ops"
+        reads_targets = (self.weight_format and not plan) or self.input_format or module_error
+        reads_exclude = self.weight_format or self.input_format or module_error
+        if self.targets != _DEFAULT_TARGETS and not reads_targets:
+            raise ValueError(f"targets:{self.targets if isinstance(self.targets, str) else ','.join(self.targets)} "
+                             f"selects nothing here: {self._targetless()} (targets select the modules of "
+                             f"weights:FMT, inputs:FMT and module-level errors such as absolute:1e-3@output)")
+        if self.exclude and not reads_exclude:
+            raise ValueError(f"exclude:{','.join(self.exclude)} leaves out nothing here: {self._targetless()} "
+                             f"(exclude is for weights:..., inputs:FMT and module-level errors such as "
+                             f"absolute:1e-3@output)")
+
+    def _targetless(self) -> str:
+        parts = []
+        if isinstance(self._weights, WeightPlan):
+            parts.append(f"the plan {self.weight_format} names its own modules (leave some out with exclude:G1,G2)")
+        if self.error is not None and self.where == "ops":
+            parts.append(f"operator noise {self.error}@ops reaches every op of the model, not modules "
+                         f"(choose ops with @ops[linear,matmul], or put it on modules with @output)")
+        if self.aqn_sigma:
+            parts.append(f"aqn:{format_number(self.aqn_sigma)} puts noise on every RMSNorm weight")
+        if not parts:
+            parts.append("nothing in the spec selects modules")
+        return "; ".join(parts)
+
+    # -- the resolved parts ----------------------------------------------------------------------
+
+    @property
+    def weights(self):
+        """The weight part, resolved: a ``FormatSpec``, a ``WeightPlan`` (per-module formats), or None."""
+        return self._weights
+
+    @property
+    def inputs(self):
+        """The input part, resolved: a ``FormatSpec`` or None."""
+        return self._inputs
+
+    @property
+    def error_model(self):
+        """The error part, resolved: an ``hwnoise.errors.ErrorModel`` or None."""
+        return self._error
+
+    def weight_spec_for(self, name: str):
+        """The resolved format module ``name``'s weight takes (a plan's entry, else the one format;
+        None: a plan that does not name it, or no weight part)."""
+        if isinstance(self._weights, WeightPlan):
+            return self._weights.spec_for(name)
+        return self._weights
+
+    def weight_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules the weight part acts on (a plan's own modules, else targets/exclude)."""
+        if isinstance(self._weights, WeightPlan):
+            return self._weights.select(model, exclude=self.exclude)
+        return select_modules(model, self.targets, exclude=self.exclude or None)
 
     def __str__(self) -> str:
         return self.spec
@@ -224,7 +307,7 @@ class Emulation:
         """The error model's numeric scale (the x-axis of accuracy-vs-noise plots), or None."""
         if self.error is None:
             return None
-        value = getattr(E.parse(self.error), "scale", None)
+        value = getattr(self._error, "scale", None)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     def to_dict(self) -> dict:
@@ -264,23 +347,20 @@ class Emulation:
         stats = EmulationStats()
         with ExitStack() as stack:
             if self.weight_format:
-                if grad:
-                    stack.enter_context(inject(model, E.Quantize(self.weight_format), where="weight",
+                if grad:  # the straight-through path: gradients reach the clean weights
+                    stack.enter_context(inject(model, E.Quantize(self._weights), where="weight",
                                                targets=self.targets, exclude=self.exclude or None,
                                                seed=_derived_seed(seed, step, "weights", substep), measure=False))
                 else:
-                    stack.enter_context(_quantized_weights(model, self.weight_format, self.targets,
-                                                           self.exclude, stats))
+                    stack.enter_context(self._quantized_weights(model, stats))
             if self.aqn_sigma:
                 aqn = AQN(Constant(self.aqn_sigma), seed=_derived_seed(seed, step, "aqn", substep))
                 stack.enter_context(aqn.noisy(model, step=0, total_steps=1))
                 stats.aqn = aqn
             if self.input_format:
-                stats.injections.append(stack.enter_context(
-                    inject(model, E.Quantize(self.input_format), where="input", targets=self.targets,
-                           exclude=self.exclude or None, seed=_derived_seed(seed, step, "inputs", substep), measure=False)))
+                stack.enter_context(self._quantized_inputs(model, _derived_seed(seed, step, "inputs", substep)))
             if self.error:
-                error = E.parse(self.error)
+                error = self._error
                 if self.where == "ops":
                     stats.ops = stack.enter_context(noisy_ops(error, ops=self.ops, backward=grad,
                                                               seed=_derived_seed(seed, step, "ops", substep)))
@@ -289,6 +369,47 @@ class Emulation:
                         inject(model, error, where=self.where, targets=self.targets, exclude=self.exclude or None,
                                seed=_derived_seed(seed, step, "error", substep))))
             yield stats
+
+    def _quantized_weights(self, model: nn.Module, stats: EmulationStats):
+        """Each selected module's weight swapped for its quantized copy (``hwnoise.inject.swap``);
+        the original Parameters come back on exit, bit for bit."""
+        modules = self.weight_modules(model)
+        with_weight = [(n, m) for n, m in modules.items() if isinstance(m._parameters.get("weight"), torch.Tensor)]
+        if not with_weight:
+            raise ValueError(f"weight format {self.weight_format!r}: no module selected by targets={self.targets!r} "
+                             f"has a weight")
+        energy = [0.0, 0.0]
+
+        def pairs():
+            for name, module in with_weight:
+                weight = module._parameters["weight"]
+                q = quantized_weight(weight, self.weight_spec_for(name))
+                with torch.no_grad():
+                    energy[0] += float(weight.float().pow(2).sum())
+                    energy[1] += float((q.float() - weight.float()).pow(2).sum())
+                yield module, q
+
+        @contextmanager
+        def block():
+            with swapped_weights(pairs()):
+                signal, noise = energy
+                stats.weights_quantized = len(with_weight)
+                stats.weight_sqnr_db = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+                yield
+
+        return block()
+
+    def _quantized_inputs(self, model: nn.Module, seed: int):
+        """The selected modules' inputs quantized (``hwnoise.inject.swap``); each call keyed by
+        (seed, module, call index), stochastic rounding included; straight-through under autograd."""
+        modules = select_modules(model, self.targets, exclude=self.exclude or None)
+        model_error = E.Quantize(self._inputs)
+        steps = StepCounter()
+
+        def quantizer(x, name):
+            return perturb(x, model_error, E.noise_key(seed, name, "forward", steps.next(name)))
+
+        return quantized_input(modules, quantizer)
 
 
 class EmulationStats:
@@ -317,36 +438,3 @@ class EmulationStats:
         if rel:
             out["injected_relative_error"] = float(sum(rel) / len(rel))
         return out
-
-
-@contextmanager
-def _quantized_weights(model: nn.Module, fmt: str, targets, exclude, stats: EmulationStats):
-    """Swap each selected module's weight Parameter for its quantized copy; put the originals back.
-
-    The original Parameter objects are restored on exit (also on errors): nothing is written to
-    them, so the clean weights come back bit for bit and optimizer state stays attached to them.
-    """
-    plan = WeightPlan.coerce(fmt) if is_plan_spec(fmt) else None  # per-module formats
-    modules = plan.select(model, exclude=exclude) if plan else select_modules(model, targets, exclude=exclude or None)
-    swapped: list[tuple[nn.Module, nn.Parameter]] = []
-    signal = noise = 0.0
-    try:
-        with torch.no_grad():
-            for name, module in modules.items():
-                weight = module._parameters.get("weight")
-                if not isinstance(weight, torch.Tensor):
-                    continue
-                q = quantize(weight.detach(), plan.format_for(name) if plan else fmt)
-                diff = (q.float() - weight.float())
-                signal += float(weight.float().pow(2).sum())
-                noise += float(diff.pow(2).sum())
-                swapped.append((module, weight))
-                module._parameters["weight"] = nn.Parameter(q, requires_grad=False)
-        if not swapped:
-            raise ValueError(f"weight format {fmt!r}: no module selected by targets={targets!r} has a weight")
-        stats.weights_quantized = len(swapped)
-        stats.weight_sqnr_db = 10 * math.log10(signal / noise) if noise > 0 else math.inf
-        yield
-    finally:
-        for module, weight in reversed(swapped):
-            module._parameters["weight"] = weight

@@ -48,6 +48,7 @@ __all__ = [
 # Which computation a draw belongs to: the forward result, or one of the two backward GEMMs.
 ROLES = ("forward", "grad_input", "grad_weight")
 _KEY_MASK = (1 << 64) - 1
+MAX_SCALE = float(torch.finfo(torch.float32).max)  # noise is computed in float32
 
 
 def noise_key(seed: int, site: str, role: str, step: int) -> int:
@@ -76,6 +77,9 @@ def _check_scale(cls: str, scale) -> None:
         raise ValueError(f"{cls} scale must be a number; got {scale!r}")
     if math.isnan(scale) or math.isinf(scale) or scale < 0:
         raise ValueError(f"{cls} scale must be finite and >= 0; got {scale!r}")
+    if scale > MAX_SCALE:  # the kernels take the scale as a float32: larger ones overflow mid-run
+        raise ValueError(f"{cls} scale {scale!r} is beyond float32's largest number ({MAX_SCALE:.4g}); "
+                         f"give a scale <= {MAX_SCALE:.4g}")
 
 
 class ErrorModel:

@@ -30,8 +30,9 @@ def _parse_thresholds(text: str | None) -> dict | None:
 @app.command("scan")
 def scan_command(
     model: str = typer.Argument("default", help="Model: 'default' (bundled SmolLM2-135M), an HF directory, a .gguf file or a hub id."),
-    fmt: str = typer.Option("mxfp4", "--format", "-f", help="Number format or spec string (mxfp4, nvfp4, mxfp8, 'mxfp4:rceil'). See `hwnoise formats --list`."),
-    where: str = typer.Option("weight", "--where", "-w", help="'weight': quantize each module's weights (W4A16-style); 'input': its input activations (W16A4-style)."),
+    setting: str = typer.Option(None, "--setting", "-s", help="The condition to scan module by module, an emulation spec: 'weights:mxfp4', 'inputs:mxfp4', 'weights:plan.json' (each module in its planned format), or module-level noise 'absolute:1e-3@output' (@input, @weight). Default: weights:mxfp4."),
+    fmt: str = typer.Option(None, "--format", "-f", help="Shorthand: --format FMT is --setting weights:FMT (with --where input: inputs:FMT). Number format or spec string (mxfp4, nvfp4, 'mxfp4:rceil'). See `hwnoise formats --list`."),
+    where: str = typer.Option(None, "--where", "-w", help="Shorthand with --format: 'weight' (default) quantizes each module's weights (W4A16-style), 'input' its input activations (W16A4-style)."),
     out: Path = typer.Option(Path("hwnoise-out/scan"), "--out", "-o", help="Output directory: scan.json, scan.html, sigma_multipliers.json, PNG plots (written atomically)."),
     faults: bool = typer.Option(False, "--faults", help="Also run the fault scan (gain, kurtosis, instability per decoder layer), bf16 vs --format."),
     texts: Path = typer.Option(None, "--texts", help="Calibration texts: one per line, or GSM8K jsonl (the 'question' field). Default: the built-in set."),
@@ -40,7 +41,7 @@ def scan_command(
     end_to_end: bool = typer.Option(True, "--end-to-end/--no-end-to-end", help="Measure loss increase and KL with only each module quantized."),
     thresholds: str = typer.Option(None, "--thresholds", help="Problematic when crossed, e.g. 'sqnr_db=20,deadzone_ratio=0.05,saturation_ratio=0.01,relative_error=0.1'."),
     top: int = typer.Option(10, "--top", help="Rows in the table of the worst layers."),
-    plan: str = typer.Option(None, "--plan", help="Search a mixed-precision plan (weight mode) over these formats, comma-separated, besides --format: e.g. 'bf16' or 'mxfp6_e2m3,mxfp8_e4m3,bf16'. Writes plan.json (module -> format), usable as --setting weights:plan.json."),
+    plan: str = typer.Option(None, "--plan", help="Search a mixed-precision plan (weights:FMT) over these formats, comma-separated, besides the scan's format: e.g. 'bf16' or 'mxfp6_e2m3,mxfp8:rceil,rounding=stochastic,bf16'. Writes plan.json (module -> format), usable as --setting weights:plan.json."),
     target_kl: float = typer.Option(None, "--target-kl", help="Plan target: the cheapest measured plan with KL (nats) at most this. Default: a third of the whole-model KL."),
     target_loss: float = typer.Option(None, "--target-loss", help="Plan target: the cheapest measured plan with loss increase (nats/token) at most this."),
     budget_bits: float = typer.Option(None, "--budget-bits", help="Plan target: the best measured plan within this many effective bits per weight (scale overhead included; bf16 = 16)."),
@@ -49,16 +50,23 @@ def scan_command(
     device_map: DeviceMapOption = "none",
 ) -> None:
     """Scan MODEL layer by layer under a number format: which modules break, how badly, what to do."""
-    from .. import formats as F
-    from ..scan import SCAN_EXCLUDE, WHERE, Thresholds, calibration_texts
+    from ..scan import SCAN_EXCLUDE, Thresholds, calibration_texts
     from ..scan import scan as run_scan
     from ..scan.calibration import DEFAULT_MAX_LENGTH
+    from ..plans import WeightPlan
+    from ..scan.core import scan_emulation
     from ..select import select_modules
 
     try:
-        F.get(fmt)
-        if where not in WHERE:
-            raise ValueError(f"unknown --where {where!r}; known: {', '.join(WHERE)}")
+        if setting is not None and (fmt is not None or where is not None):
+            raise ValueError(f"give --setting {setting} or --format/--where (their shorthand), not both")
+        if setting is None and fmt is None and where is not None and where not in ("weight", "input"):
+            raise ValueError(f"unknown --where {where!r}; known: weight, input")
+        emulation = scan_emulation(setting, fmt, where)  # what cannot be scanned per module is refused here
+        scanned = emulation.weight_format or emulation.input_format or f"{emulation.error}@{emulation.where}"
+        if faults and not (emulation.weight_format and not isinstance(emulation.weights, WeightPlan)):
+            raise ValueError(f"--faults compares bf16 with one weight format (weights:FMT); the setting "
+                             f"{emulation.spec!r} is not one")
         threshold_values = Thresholds.coerce(_parse_thresholds(thresholds))
         if max_length is not None and max_length < 1:
             raise ValueError(f"--max-length {max_length} is not accepted; give tokens per text >= 1 "
@@ -68,16 +76,15 @@ def scan_command(
         calibration = calibration_texts(texts if texts is None else Path(texts), samples)
         held_out = None
         if plan is not None:
-            from ..scan.plan import parse_candidates
+            from ..scan.plan import check_plan_targets, parse_candidates
 
-            parse_candidates(plan, fmt)
-            targets = [n for n, v in (("--target-kl", target_kl), ("--target-loss", target_loss),
-                                      ("--budget-bits", budget_bits)) if v is not None]
-            if len(targets) > 1:
-                raise ValueError(f"give one plan target, not {' and '.join(targets)}")
-            if where != "weight" or not end_to_end:
-                raise ValueError("--plan chooses weight formats from end-to-end effects: it needs --where weight "
-                                 "and --end-to-end")
+            if not emulation.weight_format or isinstance(emulation.weights, WeightPlan) \
+                    or not end_to_end:
+                raise ValueError(f"--plan chooses weight formats from end-to-end effects: it needs one weight format "
+                                 f"(--setting weights:FMT, or --format FMT with --where weight) and --end-to-end; "
+                                 f"got {emulation.spec!r}")
+            parse_candidates(plan, emulation.weight_format)
+            check_plan_targets(target_kl, target_loss, budget_bits, plan, emulation.weight_format)
             # Held out: the texts after the calibration ones, as many (none left: no held-out check).
             held_out = calibration_texts(texts if texts is None else Path(texts), None)[len(calibration):
                                                                                         2 * len(calibration)] or None
@@ -92,9 +99,14 @@ def scan_command(
 
     t0 = time.perf_counter()
     net, tokenizer = _load_model(model, device, dtype, device_map)
-    modules = select_modules(net, "linear", exclude=SCAN_EXCLUDE, default_exclude=False)
-    console.print(f"[bold]{model}[/]: {len(modules)} linear modules, {len(calibration)} calibration texts "
-                  f"(loaded in {time.perf_counter() - t0:.1f} s)")
+    try:
+        modules = emulation.weights.select(net, exclude=SCAN_EXCLUDE) if emulation.weight_format and \
+            isinstance(emulation.weights, WeightPlan) else \
+            select_modules(net, emulation.targets, exclude=SCAN_EXCLUDE + emulation.exclude, default_exclude=False)
+    except ValueError as exc:  # a plan for another model
+        _fail(str(exc))
+    console.print(f"[bold]{model}[/]: {len(modules)} modules under {emulation.spec}, {len(calibration)} calibration "
+                  f"texts (loaded in {time.perf_counter() - t0:.1f} s)")
     phases = 2 if end_to_end else 1
     with progress_bar() as progress:
         task = progress.add_task("scanning", total=phases * len(modules))
@@ -108,7 +120,7 @@ def scan_command(
             progress.update(task, advance=0 if phase.startswith("plan") else 1, description=f"{phase:<10} {name}")
 
         try:
-            report = run_scan(net, tokenizer, calibration, format=fmt, where=where, thresholds=threshold_values,
+            report = run_scan(net, tokenizer, emulation, calibration, thresholds=threshold_values,
                               end_to_end=end_to_end, samples=None, max_length=max_length or DEFAULT_MAX_LENGTH,
                               on_progress=on_progress,
                               model_name=model, plan=plan, target_kl=target_kl, target_loss=target_loss,
@@ -120,8 +132,8 @@ def scan_command(
     if faults:
         from ..scan import scan_faults
 
-        with console.status(f"fault scan: bf16 vs {fmt} ..."):
-            report.faults = scan_faults(net, tokenizer, calibration, "bf16", fmt, samples=None,
+        with console.status(f"fault scan: bf16 vs {emulation.weight_format} ..."):
+            report.faults = scan_faults(net, tokenizer, calibration, "bf16", emulation.weight_format, samples=None,
                                         max_length=max_length or DEFAULT_MAX_LENGTH)
     console.print(report.to_table(top, by="layer"))
     console.print(report.to_table(top, by="module"))
@@ -133,7 +145,7 @@ def scan_command(
                   f"end-to-end {report.seconds['end_to_end']:.1f} s)")
     if report.whole_model:
         w = report.whole_model
-        console.print(f"Whole model (every scanned module in {fmt} at once): loss increase "
+        console.print(f"Whole model (every scanned module in {scanned} at once): loss increase "
                       f"{w['loss_increase']:+.4f} nats/token, KL {w['kl']:.4f}")
     if report.plan is not None:
         from ..scan.views import plan_table
@@ -150,4 +162,4 @@ def scan_command(
         path = report.save(out)
     except (ValueError, OSError) as exc:  # the directory changed during the scan
         _fail(f"could not write the scan into {out}: {exc}")
-    console.print(f"wrote {path}/: " + ", ".join(n for n in report.OUTPUT_FILES if (path / n).exists()))
+    console.print(f"wrote {path}/: " + ", ".join(report.written))

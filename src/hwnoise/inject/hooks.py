@@ -30,6 +30,7 @@ from ..errors import ErrorModel, get as get_error, noise_key
 from ..select import select_modules
 from .keys import StepCounter, perturb
 from .phases import check_phase, phase_active
+from .swap import set_weight
 
 __all__ = ["WHERE", "Injection", "SiteStats", "inject"]
 
@@ -169,7 +170,7 @@ class Injection:
             frame = [original, installed]
             site.saved.append(frame)
             _IN_FLIGHT.setdefault(module, []).append(frame)
-            module._parameters["weight"] = installed
+            set_weight(module, installed, as_is=True)
             return None
 
         return hook
@@ -178,7 +179,7 @@ class Injection:
         def hook(module, args, output):
             if site.saved:
                 frame = site.saved.pop()
-                module._parameters["weight"] = frame[0]
+                set_weight(module, frame[0], as_is=True)
                 _forget(module, frame)
             return None
 
@@ -217,7 +218,7 @@ class Injection:
                     # Another injection's swap lies on top: it will put back our original.
                     frames[above[0] + 1][0] = frame[0]
                 else:
-                    site.module._parameters["weight"] = frame[0]
+                    set_weight(site.module, frame[0], as_is=True)
                 _forget(site.module, frame)
             site.saved.clear()
 

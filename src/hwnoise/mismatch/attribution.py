@@ -74,28 +74,16 @@ def policy_samples(model: nn.Module, tokenizer, *, prompts="arith", n: int = 16,
     return SampleBatch(b.input_ids.to(device), b.attention_mask.to(device), b.start.to(device), b.length.to(device))
 
 
-@contextmanager
 def _swapped(module: nn.Module, weight: torch.Tensor):
-    original = module._parameters["weight"]
-    module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-    try:
-        yield
-    finally:
-        module._parameters["weight"] = original
+    from ..inject.swap import swapped_weight  # the one static swap (issue 21)
+
+    return swapped_weight(module, weight)
 
 
-@contextmanager
 def _input_quantized(module: nn.Module, fmt: str):
-    def hook(mod, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            return (quantize(args[0], fmt),) + tuple(args[1:])
-        return None
+    from ..inject.swap import quantized_input
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return quantized_input(module, lambda x: quantize(x, fmt))
 
 
 def module_changes(model: nn.Module, rollout) -> dict[str, object]:

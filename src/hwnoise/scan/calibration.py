@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Calibration", "CleanPass", "DEFAULT_MAX_LENGTH", "decoder_layers", "quantized_input", "swapped_weight",
-           "tokenize"]
+__all__ = ["Calibration", "CleanPass", "DEFAULT_MAX_LENGTH", "decoder_layers", "tokenize"]
 
 DEFAULT_MAX_LENGTH = 16  # tokens per text: 211 single-module passes of 8 texts stay under a minute on 2 cores (32: ~82 s)
 _LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)$")
@@ -104,12 +103,13 @@ class CleanPass:
     """
 
     def __init__(self, model: nn.Module, calibration: Calibration, watch: dict[str, nn.Module] | None = None,
-                 capture_inputs: bool = False):
+                 capture_inputs: bool = False, capture_outputs: bool = False):
         self.model = model
         self.calibration = calibration
         self.layers = decoder_layers(model)
         self.layer_outputs: dict[int, object] = {}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self._order: dict[str, int] = {}
         watch = watch or {}
         calls = [0]
@@ -130,11 +130,19 @@ class CleanPass:
                     self.inputs[name] = args[0].detach()
             return hook
 
+        def output_hook(name):
+            def hook(module, args, output):
+                if name not in self.outputs and isinstance(output, torch.Tensor):
+                    self.outputs[name] = output.detach()
+            return hook
+
         try:
             for index, layer in self.layers.items():
                 handles.append(layer.register_forward_hook(layer_hook(index)))
             for name, module in watch.items():
                 handles.append(module.register_forward_pre_hook(module_hook(name)))
+                if capture_outputs:
+                    handles.append(module.register_forward_hook(output_hook(name)))
             logits = self._forward()
         finally:
             for h in handles:
@@ -204,32 +212,3 @@ class CleanPass:
 
     def _mean(self, per_position: torch.Tensor) -> float:
         return float(per_position.double()[self.valid].sum() / self.count)
-
-
-@contextmanager
-def swapped_weight(module: nn.Module, weight: torch.Tensor):
-    """Run with ``module.weight`` replaced by another tensor; the original Parameter object is put
-    back on exit (also on errors), so the model's parameters are never written to. Tied weights
-    (lm_head and the embedding) stay tied to the clean copy: only this module sees the change."""
-    original = module._parameters["weight"]
-    module._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
-    try:
-        yield
-    finally:
-        module._parameters["weight"] = original
-
-
-@contextmanager
-def quantized_input(module: nn.Module, quantizer: Callable[[torch.Tensor], torch.Tensor]):
-    """Run with ``quantizer`` applied to the module's (first, floating-point) input; the hook is
-    always removed."""
-    def hook(mod, args):
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            return (quantizer(args[0]),) + tuple(args[1:])
-        return None
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

@@ -11,19 +11,23 @@ import torch
 from torch import nn
 
 from ..devices import input_device, place
+from ..emulation import Emulation
+from ..errors import noise_key
 from ..formats.fake_quant import options_for, quantize
 from ..formats.registry import FormatSpec, get
+from ..inject.swap import quantized_input, quantized_weight, swapped_weight, swapped_weights
+from ..plans import WeightPlan
 from ..progress import ProgressCallback, progress_reporter
 from ..select import decoder_layer_index, is_linear, is_rmsnorm, select_modules
-from .calibration import DEFAULT_MAX_LENGTH, CleanPass, quantized_input, swapped_weight, tokenize
+from .calibration import DEFAULT_MAX_LENGTH, CleanPass, tokenize
 from .measures import STAT_KEYS, stats_to_metrics, tensor_stats
 from .report import LayerRow, ModuleRow, ScanReport, Thresholds
-from .plan import DEFAULT_EACH, parse_candidates, search_plan
+from .plan import DEFAULT_EACH, check_plan_targets, parse_candidates, search_plan
 from .texts import BUILTIN_TEXTS, DEFAULT_SAMPLES, calibration_texts
 
-__all__ = ["FORMAT_OPTIONS", "ResolvedFormat", "WHERE", "resolve_format", "scan"]
+__all__ = ["FORMAT_OPTIONS", "ResolvedFormat", "SCANNABLE", "WHERE", "resolve_format", "scan", "scan_emulation"]
 
-WHERE = ("weight", "input")  # where on a module the scan quantizes (MODES until 0.3)
+WHERE = ("weight", "input")  # the format/where shorthand: weights:FMT or inputs:FMT
 FORMAT_OPTIONS = ("scale_mode", "rounding", "block", "axis", "flavor", "seed")
 SPEC_OPTIONS = ("scale_mode", "rounding", "block", "flavor")  # the ones a FormatSpec holds
 # Never scanned unless named: LoRA adapters are the trainable part, not the deployed weights.
@@ -65,16 +69,78 @@ def resolve_format(format, format_options: dict) -> ResolvedFormat:  # noqa: A00
     return ResolvedFormat(spec, axis, **seed)
 
 
+SCANNABLE = ("weights:FMT", "weights:plan.json", "inputs:FMT", "ERROR@input", "ERROR@output", "ERROR@weight")
+
+
+def scan_emulation(setting=None, format=None, where=None) -> Emulation:  # noqa: A002
+    """The Emulation a scan measures, from a setting or the ``format``/``where`` shorthand, checked
+    for what a per-module scan can measure (one part, at module level) before any work.
+
+    Args:
+        setting: an emulation spec or ``Emulation`` (``"weights:mxfp4"``, ``"inputs:nvfp4"``,
+            ``"weights:plan.json"``, ``"absolute:1e-3@output"``), or None for the shorthand.
+        format: shorthand: a format name or spec string (default ``"mxfp4"``).
+        where: shorthand: ``"weight"`` (default) or ``"input"``.
+
+    Example:
+        >>> scan_emulation(format="mxfp4", where="input").spec
+        'inputs:mxfp4'
+    """
+    if setting is not None:
+        if not isinstance(setting, (str, Emulation)):
+            raise ValueError(f"a scan's setting (its third argument) is an emulation spec such as 'weights:mxfp4'; "
+                             f"got a {type(setting).__name__} (calibration texts go to texts=)")
+        if format is not None or where is not None:
+            raise ValueError(f"give the setting {setting!r} or format=/where=, not both (format/where are "
+                             f"shorthand for weights:FMT / inputs:FMT)")
+        emulation = Emulation.parse(setting)
+    else:
+        where = "weight" if where is None else where
+        if where not in WHERE:
+            raise ValueError(f"unknown where {where!r}; known: {', '.join(WHERE)}")
+        format = "mxfp4" if format is None else format  # noqa: A001
+        if isinstance(format, FormatSpec):
+            format = format.name  # noqa: A001 - a spec without options: its name
+        if not isinstance(format, str) or not format.strip():
+            raise ValueError(f"format must be a format name or spec string such as 'mxfp4'; got {format!r}")
+        emulation = Emulation(weight_format=format) if where == "weight" else Emulation(input_format=format)
+    parts = [name for name, on in (("weights", emulation.weight_format), ("inputs", emulation.input_format),
+                                   ("an error model", emulation.error), ("aqn", emulation.aqn_sigma)) if on]
+    why = None
+    if emulation.aqn_sigma:
+        why = "AQN (aqn:SIGMA) is noise on every RMSNorm weight at once, not a per-module condition"
+    elif emulation.error is not None and emulation.where == "ops":
+        why = (f"operator noise ({emulation.error}@ops) is on every op of the model at once, not per module; "
+               f"scan it at module level, e.g. {emulation.error}@output")
+    elif not parts:
+        why = "'clean' changes nothing"
+    elif len(parts) > 1:
+        why = f"it has {len(parts)} parts ({', '.join(parts)}); a scan ranks modules under one part at a time"
+    if why:
+        raise ValueError(f"cannot scan {emulation.spec!r} module by module: {why}. A scan measures one of: "
+                         f"{', '.join(SCANNABLE)}")
+    return emulation
+
+
+def _where(emulation: Emulation) -> str:
+    if emulation.weight_format:
+        return "weight"
+    if emulation.input_format:
+        return "input"
+    return emulation.where
+
+
 def scan(
     model: nn.Module,
     tokenizer,
+    setting=None,
     texts=None,
-    format="mxfp4",  # noqa: A002 - the public name the issue and DESIGN use
-    where: str = "weight",
-    targets="linear",
+    *,
+    format=None,  # noqa: A002 - the public name the issue and DESIGN use
+    where: str | None = None,
+    targets=None,
     thresholds=None,
     end_to_end: bool = True,
-    *,
     samples: int | None = DEFAULT_SAMPLES,
     max_length: int = DEFAULT_MAX_LENGTH,
     layers=None,
@@ -91,51 +157,86 @@ def scan(
     dtype=None,
     **format_options,
 ) -> ScanReport:
-    """Scan ``model`` module by module under a number format.
+    """Scan ``model`` module by module under one hardware condition: each selected module alone.
 
-    format: a registered name or spec string ("mxfp4", "nvfp4", "mxfp4:rceil"); format_options
-    (scale_mode, rounding, block, axis, flavor, seed) go to ``hwnoise.quantize``.
-    where: "weight" quantizes each module's weight (W4A16-style), "input" its input activations
-    on the calibration texts (W16A4-style). targets/layers/exclude: as ``hwnoise.select``; the
-    lm_head is included (only LoRA adapters are excluded by default).
-    texts: calibration texts (None: the built-in set; a sequence of strings; or a file path),
-    the first ``samples`` of them, each truncated to ``max_length`` tokens.
-    end_to_end: also measure, per module, the increase of the language-model loss and the mean
-    KL(clean || quantized) of next-token distributions with only that module quantized.
-    With end_to_end, the whole-model effect (every selected module quantized at once) is measured too.
-    plan: search a mixed-precision plan (weight mode; see ``hwnoise.scan.plan``): True for the
-    scan's format + bf16, or candidate formats ("mxfp4,mxfp6_e2m3,mxfp8_e4m3,bf16" or a list); one
-    target of target_kl, target_loss (nats) or budget_bits (effective bits per weight; default:
-    KL a third of the whole-model KL). held_out: texts that re-measure the plan (None: the built-in
-    texts after the calibration ones when texts is None, else none; False: none).
-    on_progress(label, done, total) is called after each module of each phase: label
-    "<phase> <module name>" (phases "metrics", "end_to_end", then the plan search's "plan <format>"
-    and "plan joint"), done of total steps of that phase.
-    device, dtype: move / cast the model first (in place; None leaves it as it is: a model spread
-    over devices by a device map stays so, and the texts go to its input embedding's device).
-    The model's parameters are never written to; hooks are always removed.
+    Args:
+        model, tokenizer: the model (its parameters are never written to; hooks always removed)
+            and its tokenizer.
+        setting: the condition, an emulation spec or ``Emulation``: ``"weights:mxfp4"`` (each
+            module's weight quantized), ``"inputs:mxfp4"`` (its input activations),
+            ``"weights:plan.json"`` (each of the plan's modules in its planned format), or a
+            module-level error model, ``"absolute:1e-3@output"`` / ``@input`` / ``@weight``.
+            Not scannable per module (refused before any work): ``@ops`` noise, ``aqn:``, two parts.
+        format, where: shorthand for the setting: ``format="mxfp4", where="weight"`` is
+            ``"weights:mxfp4"`` (the default), ``where="input"`` is ``"inputs:mxfp4"``.
+            format_options (scale_mode, rounding, block, axis, flavor, seed) go to
+            ``hwnoise.quantize``; ``seed`` also keys an error model's noise.
+        targets, layers, exclude: as ``hwnoise.select`` (default: the setting's targets, else
+            "linear"); the lm_head is included (only LoRA adapters are excluded by default).
+        texts: calibration texts (None: the built-in set; a sequence of strings; or a file path),
+            the first ``samples`` of them, each truncated to ``max_length`` tokens.
+        end_to_end: also measure, per module, the increase of the language-model loss and the mean
+            KL(clean || changed) of next-token distributions with only that module changed, and the
+            whole-model effect (every selected module changed at once).
+        plan: search a mixed-precision plan (weights:FMT only; see ``hwnoise.scan.plan``): True for
+            the scan's format + bf16, or candidate formats ("mxfp6_e2m3;mxfp8_e4m3;bf16", commas
+            between names also accepted, or a list); one target of target_kl, target_loss (nats)
+            or budget_bits (effective bits per weight; default: KL a third of the whole-model KL).
+            held_out: texts that re-measure the plan (None: the built-in texts after the
+            calibration ones when texts is None, else none; False: none).
+        on_progress: ``on_progress(label, done, total)`` after each module of each phase: label
+            "<phase> <module name>" (phases "metrics", "end_to_end", then the plan search's
+            "plan <format>" and "plan joint").
+        device, dtype: move / cast the model first (in place; None leaves it as it is).
+
+    Returns:
+        A ``ScanReport`` (JSON first; tables, HTML and plots are views).
+
+    Example:
+        >>> report = hn.scan(model, tok, "weights:mxfp4")            # doctest: +SKIP
+        >>> report = hn.scan(model, tok, "absolute:1e-3@output")     # doctest: +SKIP
     """
-    if where not in WHERE:
-        raise ValueError(f"unknown where {where!r}; known: {', '.join(WHERE)}")
-    resolved = resolve_format(format, format_options)  # the one registry look-up of the scan
-    spec = resolved.spec
+    emulation = scan_emulation(setting, format, where)
+    where = _where(emulation)
+    spec_targets = emulation.targets if emulation.targets != "linear" else None
+    targets = targets if targets is not None else (spec_targets or "linear")
+    error = emulation.error_model if emulation.error is not None else None
+    weight_plan = emulation.weights if isinstance(emulation.weights, WeightPlan) else None
+    if error is not None or weight_plan is not None:
+        given = sorted(k for k, v in format_options.items() if v is not None and k != "seed")
+        if given:
+            raise ValueError(f"format options {given} are for one number format (weights:FMT or inputs:FMT); "
+                             f"the setting {emulation.spec!r} takes none")
+        resolved = None
+    else:
+        given_spec = format if isinstance(format, FormatSpec) else None  # keeps its options
+        resolved = resolve_format(given_spec or emulation.weights or emulation.inputs, format_options)  # one look-up
+    seed = int(format_options.get("seed") or 0)
     report_progress = progress_reporter(on_progress, what="scan")
-    base_spec = format.strip() if isinstance(format, str) else spec.name
+    format_name = emulation.weight_format or emulation.input_format or emulation.error
+    base_spec = format_name
     if plan is not None and plan is not False:
-        if where != "weight":
-            raise ValueError(f"the plan search chooses weight formats: it needs where='weight'; got where={where!r}")
+        if where != "weight" or resolved is None:
+            raise ValueError(f"the plan search chooses one weight format per module starting from weights:FMT "
+                             f"(format=FMT, where='weight'); it cannot start from {emulation.spec!r}")
         if not end_to_end:
             raise ValueError("the plan search ranks modules by their end-to-end effect: it needs end_to_end=True")
         if any(v is not None for v in format_options.values()):
             raise ValueError(f"with a plan, give format options in the spec string (e.g. 'mxfp4:rceil'), not as "
                              f"{sorted(k for k, v in format_options.items() if v is not None)}")
         parse_candidates(plan if plan is not True else None, base_spec)  # bad candidates fail before the scan
+        check_plan_targets(target_kl, target_loss, budget_bits, plan if plan is not True else None, base_spec)
     if held_out is None and texts is None and samples is not None and plan not in (None, False):
         held_out = list(BUILTIN_TEXTS[samples:2 * samples]) or None
     thresholds = Thresholds.coerce(thresholds)
     texts = calibration_texts(texts, samples)
-    excludes = SCAN_EXCLUDE + ((exclude,) if isinstance(exclude, str) else tuple(exclude or ()))
-    modules = select_modules(model, targets, layers=layers, exclude=excludes, default_exclude=False)
+    excludes = SCAN_EXCLUDE + ((exclude,) if isinstance(exclude, str) else tuple(exclude or ())) + emulation.exclude
+    if weight_plan is not None:
+        modules = weight_plan.select(model, exclude=excludes)
+        if layers is not None:
+            modules = {n: m for n, m in modules.items() if decoder_layer_index(n) in set(layers)}
+    else:
+        modules = select_modules(model, targets, layers=layers, exclude=excludes, default_exclude=False)
     format_options.pop("seed", None)
 
     place(model, device, dtype)  # bad names fail before any pass
@@ -144,9 +245,21 @@ def scan(
     valid_tokens = calibration.attention_mask.bool()
     was_training = model.training
     model.eval()
+
+    def key(name: str) -> int:
+        return noise_key(seed, name, "forward", 0)
+
+    def on_tokens(full: torch.Tensor, y_full: torch.Tensor):
+        # Metrics on real tokens only; the changed copy is of the whole tensor, as in the pass.
+        if full.shape[:2] == valid_tokens.shape:
+            here = valid_tokens.to(full.device)  # a model spread over devices
+            return full[here], y_full[here]
+        return full, y_full
+
     t0 = time.perf_counter()
     try:
-        clean = CleanPass(model, calibration, watch=modules, capture_inputs=(where == "input"))
+        clean = CleanPass(model, calibration, watch=modules, capture_inputs=(where == "input"),
+                          capture_outputs=(where == "output"))
         t_clean = time.perf_counter() - t0
 
         rows_stats, quantized = {}, {}
@@ -158,51 +271,56 @@ def scan(
                     if weight is None or not weight.is_floating_point():
                         raise ValueError(f"{name} ({type(module).__name__}) has no floating-point weight to quantize")
                     x = weight.detach()
-                    y = resolved.quantize(x)
-                    quantized[name] = y
-                    rows_stats[name] = tensor_stats(x, y, resolved.options(x))
-                else:
-                    if name not in clean.inputs:
-                        raise ValueError(f"{name} was not called with a tensor input on the calibration texts")
-                    full = clean.inputs[name]
-                    y_full = resolved.quantize(full)
-                    # Metrics on real tokens only; the quantized copy is of the whole input, as in the pass.
-                    if full.shape[:2] == valid_tokens.shape:
-                        here = valid_tokens.to(full.device)  # a model spread over devices
-                        x, y = full[here], y_full[here]
+                    if resolved is not None:
+                        y = resolved.quantize(x)
+                        o = resolved.options(x)
+                    elif weight_plan is not None:
+                        fmt = weight_plan.spec_for(name)
+                        y = quantized_weight(x, fmt)
+                        o = options_for(x, fmt)
                     else:
-                        x, y = full, y_full
-                    rows_stats[name] = tensor_stats(x, y, resolved.options(x))
+                        y, o = error.apply(x, key(name)), None
+                    quantized[name] = y
+                    rows_stats[name] = tensor_stats(x, y, o)
+                else:
+                    captured = clean.inputs if where == "input" else clean.outputs
+                    if name not in captured:
+                        raise ValueError(f"{name} was not called with a tensor {where} on the calibration texts")
+                    full = captured[name]
+                    y_full = resolved.quantize(full) if resolved is not None else error.apply(full, key(name))
+                    x, y = on_tokens(full, y_full)
+                    rows_stats[name] = tensor_stats(x, y, resolved.options(x) if resolved is not None else None)
                 report_progress("metrics", name, done, len(modules))
         t_metrics = time.perf_counter() - t1
         clean.inputs.clear()
+        clean.outputs.clear()
+
+        def change_of(name: str, module: nn.Module):
+            if where == "weight":
+                return swapped_weight(module, quantized[name])
+            if where == "input":
+                if resolved is not None:
+                    return quantized_input(module, resolved.quantize)
+                return quantized_input(module, lambda x, _k=key(name): error.apply(x, _k))
+            return _noisy_output(module, error, key(name))
 
         effects = {}
         t2 = time.perf_counter()
         if end_to_end:
             for done, (name, module) in enumerate(modules.items(), 1):
                 layer = decoder_layer_index(name)
-                if where == "weight":
-                    def change(module=module, y=quantized[name]):
-                        return swapped_weight(module, y)
-                else:
-                    def change(module=module):
-                        return quantized_input(module, resolved.quantize)
-                effects[name] = clean.effect(name, layer, change)
+                effects[name] = clean.effect(name, layer, lambda name=name, module=module: change_of(name, module))
                 report_progress("end_to_end", name, done, len(modules))
         whole_model = None
         if end_to_end:
             if where == "weight":
                 def change_all():
-                    stack = ExitStack()
-                    for name, module in modules.items():
-                        stack.enter_context(swapped_weight(module, quantized[name]))
-                    return stack
+                    return swapped_weights((module, quantized[name]) for name, module in modules.items())
             else:
                 def change_all():
                     stack = ExitStack()
-                    for module in modules.values():
-                        stack.enter_context(quantized_input(module, resolved.quantize))
+                    for name, module in modules.items():
+                        stack.enter_context(change_of(name, module))
                     return stack
             loss_all, kl_all = clean.effect("", None, change_all)
             whole_model = {"loss_increase": loss_all, "kl": kl_all}
@@ -233,9 +351,10 @@ def scan(
             **m, loss_increase=loss_inc, kl=kl,
             problems=thresholds.problems(m), stats={k: s[k] for k in STAT_KEYS},
         ))
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
     return ScanReport(
         model=model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-        format=format.strip() if isinstance(format, str) else spec.name,
+        format=format_name,
         format_options={k: v for k, v in format_options.items() if v is not None},
         mode=where,  # the JSON key stays "mode" (outputs unchanged)
         targets=targets if isinstance(targets, str) else list(targets),
@@ -252,7 +371,25 @@ def scan(
                  "total": round(time.perf_counter() - t0, 3)},
         whole_model=whole_model,
         plan=plan_result,
+        setting=emulation.spec,
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else None,
+        device=str(device),
     )
+
+
+@contextmanager
+def _noisy_output(module: nn.Module, error, key: int):
+    """The module's output perturbed by ``error`` with one fixed key (a module-level error at @output)."""
+    def hook(mod, args, output):
+        if isinstance(output, torch.Tensor):
+            return error.apply(output, key)
+        return None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def aggregate_layers(rows: Iterable[ModuleRow], thresholds: Thresholds) -> list[LayerRow]:
@@ -281,3 +418,5 @@ def aggregate_layers(rows: Iterable[ModuleRow], thresholds: Thresholds) -> list[
             problems=thresholds.problems(m),
         ))
     return out
+
+

@@ -29,7 +29,8 @@ from ..devices import input_device
 from ..formats.fake_quant import quantize
 from ..formats.registry import get
 from ..select import decoder_layer_index, select_modules
-from .calibration import DEFAULT_MAX_LENGTH, decoder_layers, swapped_weight, tokenize
+from ..inject.swap import swapped_weight
+from .calibration import DEFAULT_MAX_LENGTH, decoder_layers, tokenize
 from .core import SCAN_EXCLUDE
 from .texts import DEFAULT_SAMPLES, calibration_texts
 

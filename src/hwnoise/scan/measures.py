@@ -32,7 +32,8 @@ def _stats_body(o: fake_quant.Options):
         err = x - y
         nz = x != 0
         rel = torch.where(nz, err.abs() / torch.where(nz, x.abs(), torch.ones_like(x)), torch.zeros_like(x))
-        sat = fake_quant.saturation_mask(x, o)
+        # Without a format (an error model's noise) nothing saturates.
+        sat = fake_quant.saturation_mask(x, o) if o is not None else torch.zeros_like(nz)
 
         def total(t):  # fp32 sums along rows, then fp64 across them: exact enough, one pass
             return t.float().sum(-1).double().sum() if t.dim() else t.double()
@@ -48,11 +49,12 @@ def _stats_body(o: fake_quant.Options):
     return body
 
 
-def tensor_stats(x: torch.Tensor, y: torch.Tensor, o: fake_quant.Options) -> dict[str, float]:
-    """Raw sums for x and its quantized copy y under resolved options ``o`` (see STAT_KEYS)."""
+def tensor_stats(x: torch.Tensor, y: torch.Tensor, o: fake_quant.Options | None) -> dict[str, float]:
+    """Raw sums for x and its quantized (or perturbed) copy y under resolved options ``o`` (see
+    STAT_KEYS); ``o=None``: y is not on a format's grid (an error model), nothing counts as saturated."""
     body = _stats_body(o)
     x, y = x.detach(), y.detach()
-    values = _CACHE.run(o, body, x, y) if worth_compiling(x) else body(x, y)
+    values = _CACHE.run(o, body, x, y) if o is not None and worth_compiling(x) else body(x, y)
     values = values.tolist()
     out = dict(zip(STAT_KEYS[:-1], values))
     for key in ("nonzero", "deadzone", "saturated"):

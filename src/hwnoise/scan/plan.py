@@ -27,7 +27,6 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,9 +37,10 @@ from ..formats.registry import get
 from ..plans import REFERENCE_BITS
 from ..progress import ProgressCallback, progress_reporter
 from ..select import decoder_layer_index
-from .calibration import swapped_weight
+from ..inject.swap import swapped_weights
 
-__all__ = ["DEFAULT_EACH", "DEFAULT_GROWTH", "PlanResult", "parse_candidates", "search_plan"]
+__all__ = ["DEFAULT_EACH", "DEFAULT_GROWTH", "PlanResult", "check_plan_targets", "parse_candidates", "search_plan",
+           "split_candidates"]
 
 DEFAULT_EACH = 8       # measure the joint effect after each of the first 8 upgrades
 DEFAULT_GROWTH = 1.3   # then at prefix lengths growing by 30 %: about 22 points for 211 modules
@@ -52,13 +52,45 @@ def _bits(spec: str) -> float:
     return float(get(spec).bits_per_value)
 
 
+def split_candidates(text: str) -> list[str]:
+    """"mxfp6_e2m3,mxfp8:rceil,rounding=stochastic,bf16" -> the three formats: a comma starts a new
+    candidate only where a format name follows (a format's own options, "rceil" or "key=value",
+    stay with it)."""
+    from ..formats.registry import names
+
+    known = {n.lower() for n in names()}
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        head = piece.partition(":")[0].strip().lower()
+        if out and ":" in out[-1] and ("=" in head or head not in known):
+            out[-1] = f"{out[-1]},{piece}"  # an option of the previous candidate's format
+        else:
+            out.append(piece)
+    return out
+
+
 def parse_candidates(candidates, base: str) -> list[str]:
     """The candidate formats, base first, by increasing bits; "a,b,c" or a sequence. Each must be
-    a known format with more bits per weight than ``base`` (the plan buys precision back)."""
-    if candidates is None or candidates is True or candidates == "":
+    a known format with more bits per weight than ``base`` (the plan buys precision back).
+
+    Args:
+        candidates: None or True (the default: base + bf16), "a,b,c" (a comma inside a format's
+            options stays with it: "mxfp8:rceil,rounding=stochastic,bf16"), or a sequence.
+        base: the scan's format.
+
+    Example:
+        >>> parse_candidates("bf16", "mxfp4")
+        ['mxfp4', 'bf16']
+    """
+    if candidates is None or candidates is True:
         items = [base, "bf16"]
     elif isinstance(candidates, str):
-        items = [c.strip() for c in candidates.split(",") if c.strip()]
+        if not candidates.strip():
+            raise ValueError("--plan '' names no candidate formats; give formats wider than the scan's, e.g. "
+                             "--plan bf16 or --plan mxfp6_e2m3,mxfp8_e4m3,bf16")
+        items = split_candidates(candidates)
     else:
         items = [str(c).strip() for c in candidates]
     base_bits = _bits(base)
@@ -75,6 +107,33 @@ def parse_candidates(candidates, base: str) -> list[str]:
     if len(out) < 2:
         raise ValueError(f"the plan needs at least one candidate format wider than {base!r} (e.g. bf16); got {candidates!r}")
     return [out[0]] + sorted(out[1:], key=_bits)
+
+
+def check_plan_targets(target_kl=None, target_loss=None, budget_bits=None, candidates=None, base: str | None = None):
+    """Refuse bad plan targets before any work: more than one, not finite or negative, a bit budget
+    below the cheapest candidate (every module in ``base``) or above the widest.
+
+    Args:
+        target_kl, target_loss, budget_bits: the plan target (at most one).
+        candidates, base: as ``parse_candidates`` (for the bit budget's range).
+
+    Example:
+        >>> check_plan_targets(budget_bits=8.25, candidates="bf16", base="mxfp4")
+    """
+    given = [(k, v) for k, v in (("--target-kl", target_kl), ("--target-loss", target_loss),
+                                 ("--budget-bits", budget_bits)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one plan target, not {' and '.join(k for k, _ in given)}")
+    for name, value in given:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"plan target {name} {value!r} is not accepted; give a finite number >= 0")
+    if budget_bits is not None and base is not None:
+        cands = parse_candidates(candidates, base)
+        low, high = min(_bits(c) for c in cands), max(_bits(c) for c in cands)
+        if budget_bits < low:
+            raise ValueError(f"--budget-bits {budget_bits:g} is below the cheapest plan: every module in {cands[0]} "
+                             f"takes {low:g} effective bits per weight; give --budget-bits between {low:g} and "
+                             f"{high:g} (candidates: {', '.join(cands)})")
 
 
 @dataclass
@@ -278,12 +337,8 @@ def search_plan(
         return cache[key]
 
     def swapped(plan: dict[str, str]):
-        @contextmanager
         def change():
-            with ExitStack() as stack:
-                for name, spec in plan.items():
-                    stack.enter_context(swapped_weight(modules[name], weight(name, spec)))
-                yield
+            return swapped_weights((modules[name], weight(name, spec)) for name, spec in plan.items())
         return change
 
     def joint(plan: dict[str, str], where=clean, what="joint") -> dict:

@@ -198,6 +198,9 @@ class ScanReport:
     faults: object = None
     whole_model: dict | None = None  # {"loss_increase", "kl"} with every scanned module quantized at once
     plan: object = None              # a scan.plan.PlanResult when a plan search was run
+    setting: str | None = None       # the Emulation spec the scan measured (weights:mxfp4, inputs:..., ...)
+    dtype: str | None = None         # the model's dtype during the scan ("float32", "bfloat16")
+    device: str | None = None        # the device the calibration texts ran on ("cpu", "cuda:0")
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -352,8 +355,15 @@ class ScanReport:
         if not isinstance(other, ScanReport):
             raise TypeError(f"compare takes a ScanReport, or the path of a scan.json; got {type(other).__name__} "
                             f"{other!r}")
+        for what in ("dtype", "device"):
+            a, b = getattr(self, what), getattr(other, what)
+            if a is not None and b is not None and a != b:
+                # Numbers of one model in two dtypes (or on two devices) differ for reasons of their own.
+                raise ValueError(f"cannot compare scans of different {what}: {a} and {b}; scan both with the same "
+                                 f"--{what} (the deltas would mix the {what} change with the format's effect)")
         def summary(r: ScanReport) -> dict:
-            return {"model": r.model, "format": r.format, "mode": r.mode, "modules": len(r.rows),
+            return {"model": r.model, "format": r.format, "mode": r.mode, "dtype": r.dtype, "device": r.device,
+                    "modules": len(r.rows),
                     "sqnr_db_mean": r.mean("sqnr_db"), "deadzone_ratio_mean": r.mean("deadzone_ratio"),
                     "saturation_ratio_mean": r.mean("saturation_ratio"),
                     "relative_error_mean": r.mean("relative_error"),
@@ -395,6 +405,7 @@ class ScanReport:
             "mode": self.mode, "targets": self.targets, "thresholds": asdict(self.thresholds),
             "texts": self.texts, "tokens": self.tokens, "max_length": self.max_length,
             "clean_loss": self.clean_loss, "end_to_end": self.end_to_end, "note": self.note,
+            "setting": self.setting, "dtype": self.dtype, "device": self.device,
             "seconds": dict(self.seconds),
             "summary": {
                 "modules": len(self.rows), "decoder_layers": len(self.layers),
@@ -429,7 +440,7 @@ class ScanReport:
             rows=[row(ModuleRow, d) for d in data["modules"]], layers=[row(LayerRow, d) for d in data["layers"]],
             format_options=dict(data.get("format_options") or {}), seconds=dict(data.get("seconds") or {}),
             note=data.get("note"), faults=data.get("faults"), whole_model=data.get("whole_model"),
-            plan=data.get("plan"),
+            plan=data.get("plan"), setting=data.get("setting"), dtype=data.get("dtype"), device=data.get("device"),
         )
 
     @classmethod
@@ -474,16 +485,17 @@ class ScanReport:
         """One self-contained page: summary, recommendation, per-layer plots (embedded PNGs), worst layers."""
         return views.html_page(self)
 
-    # The files save() writes; a name here that a new save does not write (faults.json without a
-    # fault scan, the end-to-end plot without end-to-end) is a stale result of an earlier scan: removed.
+    # The files save() may write. A save writes some of them and deletes none: a plan.json or
+    # faults.json of an earlier scan may be what an eval setting or train config points at.
     OUTPUT_FILES = ("scan.json", "sigma_multipliers.json", "faults.json", "scan.html", "scan_sqnr.png",
                     "scan_deadzone.png", "scan_saturation.png", "scan_end_to_end.png", "plan.json",
                     "plan_sigma_multipliers.json", "scan_plan.png")
 
     def save(self, directory: str | os.PathLike, plots: bool = True, tiers=DEFAULT_TIERS) -> Path:
         """Write scan.json, sigma_multipliers.json, scan.html and the PNG plots into ``directory``.
-        Only these files are written (each atomically: a temporary file renamed into place); anything
-        else in ``directory`` is left alone. Everything is rendered before the first write, so a
+        Only these files are written (each atomically: a temporary file renamed into place); nothing
+        is deleted, so a plan.json or faults.json of an earlier scan stays (``written`` lists this
+        save's files). Everything is rendered before the first write, so a
         failure while rendering leaves the previous files as they were. An existing file or a
         read-only directory as ``directory`` raises ``hwnoise.io.OutputPathError`` (a ValueError)."""
         directory = prepare_out_dir(directory, what="directory")
@@ -502,9 +514,7 @@ class ScanReport:
         files.update(images)
         for name, data in files.items():
             atomic_write_bytes(directory / name, data)
-        for name in self.OUTPUT_FILES:
-            if name not in files:
-                (directory / name).unlink(missing_ok=True)
+        self.written = tuple(files)
         return directory
 
 
