@@ -53,7 +53,7 @@ def train_command(
 
     _quiet_third_party_logs()
     t0 = time.perf_counter()
-    started = time.time() - 1  # file times have coarse resolution on some filesystems
+    before = _snapshot(Path(cfg.run_dir))
     evals = []
 
     with progress_bar(transient=False) as progress:
@@ -107,21 +107,28 @@ def train_command(
         for step, strict, flexible, n in evals:
             table.add_row(str(step), f"{strict:.1f}", f"{flexible:.1f}", str(n))  # points already
         console.print(table)
-    wrote = _written_since(Path(out), started)
+    wrote = _written(Path(out), before)
     console.print(f"trained in {time.perf_counter() - t0:.1f} s; wrote {out}/ ({', '.join(wrote) or 'nothing'})",
                   markup=False, highlight=False)
 
 
-def _written_since(run_dir: Path, since: float) -> list[str]:
-    """The entries of ``run_dir`` this run wrote (created or changed since ``since``): the closing line
-    names those only, not every file a run may write."""
-    out = []
-    for path in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
-        if path.name.startswith("."):
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of every file under ``run_dir``, by path relative to it."""
+    if not run_dir.is_dir():
+        return {}
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in run_dir.rglob("*") if p.is_file()}
+
+
+def _written(run_dir: Path, before: dict[str, tuple[int, int]]) -> list[str]:
+    """The top-level entries of ``run_dir`` this run created or changed (against ``before``): the
+    closing line names those only, not every file a run may write."""
+    after = _snapshot(run_dir)
+    changed = {path for path, stamp in after.items() if before.get(path) != stamp}
+    out = set()
+    for path in changed:
+        top, sep, _ = path.partition("/")
+        if top.startswith("."):
             continue
-        changed = path.stat().st_mtime >= since
-        if path.is_dir():
-            changed = changed or any(p.stat().st_mtime >= since for p in path.rglob("*"))
-        if changed:
-            out.append(path.name + ("/" if path.is_dir() else ""))
-    return out
+        out.add(top + ("/" if sep else ""))
+    return sorted(out)
