@@ -10,8 +10,15 @@ With --plan FORMATS (e.g. bf16) each repeat runs the scan twice, without and wit
 (issue 12: the default plan should stay within about twice the scan's time), and prints the ratio,
 also the within-run split (the plan run's total over its total less the plan search).
 
+With --against SRC (the ``src`` folder of another checkout, e.g. a ``git worktree`` of an earlier
+commit) the scan of this checkout and of that one run in alternating fresh processes (against,
+this, against, this, ... ``--rounds`` times), so machine load hits both alike; each process times its
+warm scans, and the parent prints the wall-time ratio (this / against, median over rounds) and
+whether every field of the two scan.json (``to_json()`` minus ``seconds`` and the keys only one
+side has) is equal.
+
 Run: python benchmarks/scan.py [--format mxfp4] [--samples 8] [--max-length N (default 16)] [--repeats 2]
-     [--plan bf16]
+     [--plan bf16] [--against /tmp/before/src --rounds 3]
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -42,7 +55,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="also write the timings here")
     ap.add_argument("--plan", default=None, help="also time the scan with this plan search (candidates, e.g. bf16)")
+    ap.add_argument("--against", default=None, help="the src folder of another checkout: time and compare both")
+    ap.add_argument("--rounds", type=int, default=3, help="with --against: alternating process pairs")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one timed process
     args = ap.parse_args()
+    if args.against:
+        return against(args)
+    if args.worker:
+        return worker(args)
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if args.threads:
@@ -101,6 +121,58 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "runs": runs}, f, indent=2)
+
+
+def worker(args) -> None:
+    """One process of --against: load, scan ``repeats`` times, write the timings and the last scan."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load("default")
+    walls = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        report = hn.scan(model, tokenizer, format=args.format, where=args.where, samples=args.samples,
+                         max_length=args.max_length)
+        walls.append(time.perf_counter() - t)
+    Path(args.worker).write_text(json.dumps({"walls": walls, "hwnoise": hn.__file__, "scan": report.to_json()}))
+
+
+def _comparable(data: dict, keys) -> dict:
+    return {k: v for k, v in data.items() if k in keys and k != "seconds"}
+
+
+def against(args) -> None:
+    """Alternate processes of this checkout and of ``args.against``; print the ratio and the equality."""
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    sides = {"against": str(Path(args.against).resolve()), "this": here}
+    results: dict[str, list[dict]] = {"against": [], "this": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for side, src in sides.items():
+                out = Path(tmp) / f"{side}{r}.json"
+                cmd = [sys.executable, __file__, "--worker", str(out), "--format", args.format, "--where", args.where,
+                       "--samples", str(args.samples), "--max-length", str(args.max_length),
+                       "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+                env = dict(os.environ, PYTHONPATH=src)
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                data = json.loads(out.read_text())
+                assert data["hwnoise"].startswith(src), (data["hwnoise"], src)  # the intended checkout ran
+                results[side].append(data)
+                print(f"round {r} {side:8s} warm scan {min(data['walls'][1:] or data['walls']):.2f} s "
+                      f"(all: {', '.join(f'{w:.2f}' for w in data['walls'])})", flush=True)
+    warm = {side: [min(d["walls"][1:] or d["walls"]) for d in runs] for side, runs in results.items()}
+    ratios = [t / a for t, a in zip(warm["this"], warm["against"])]
+    a, b = results["against"][-1]["scan"], results["this"][-1]["scan"]
+    keys = set(a) & set(b)
+    equal = _comparable(a, keys) == _comparable(b, keys)
+    diff = sorted(k for k in keys if k != "seconds" and a[k] != b[k])
+    summary = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "warm_s": warm, "ratios": ratios,
+               "ratio_median": statistics.median(ratios), "scan_json_equal": equal, "fields_differing": diff,
+               "fields_compared": sorted(keys - {"seconds"}), "only_this": sorted(set(b) - set(a)),
+               "only_against": sorted(set(a) - set(b))}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
