@@ -70,7 +70,11 @@ def split_emulation(emulation: Emulation) -> tuple[Emulation, Emulation]:
     """
     static = Emulation(weight_format=emulation.weight_format, targets=emulation.targets,
                        exclude=emulation.exclude) if emulation.weight_format else Emulation()
-    dynamic = dataclasses.replace(emulation, weight_format=None)
+    # Without the weights, targets/exclude select nothing unless inputs or a module-level error read them
+    # (an Emulation refuses selections that do nothing).
+    selects = emulation.input_format or (emulation.error is not None and emulation.where != "ops")
+    dynamic = dataclasses.replace(emulation, weight_format=None,
+                                  **({} if selects else {"targets": "linear", "exclude": ()}))
     return static, dynamic
 
 
