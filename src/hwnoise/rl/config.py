@@ -589,9 +589,11 @@ def _key_hint(key: str, leaves, mark: str = "") -> str:
         # the emulated hardware is one spec per phase; nothing else lives in that section
         return (f"the emulation is one spec per phase, {' or '.join(repr(mark + k) for k in keys)}, e.g. "
                 "'weights:mxfp4+relative:0.05@ops'")
-    close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.6)
-    if not close:  # a bare field name given without its section ("sigma_start")
-        close = [k for k in leaves if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
+    # the right name in the wrong place ("sigma_start" without its section, an aqn key under
+    # trainer.hwnoise) first, then close spellings
+    close = [k for k in leaves if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:3]
+    if not close:
+        close = difflib.get_close_matches(key, list(leaves), n=3, cutoff=0.6)
     if close:
         return f"did you mean {' or '.join(repr(mark + c) for c in close)}?"
     if keys:
