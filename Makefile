@@ -49,7 +49,7 @@ demo: $(STAMP)
 test: test-main test-verl
 
 test-main: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $${HWNOISE_TEST_WORKERS:-2} --dist loadfile
 
 # tests/vllm start real vLLM engines (CPU build): one shared engine per session, so no -n there.
 test-verl: $(STAMP_VERL)
