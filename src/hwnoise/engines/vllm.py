@@ -44,6 +44,7 @@ class VLLMEngine:
         seed: vLLM's seed (greedy decoding does not sample).
         max_model_len: longest prompt + completion, in tokens.
         kv_cache_memory_bytes: the KV cache's size; None: 512 MiB on CPU, vLLM's default on GPUs.
+        extension: the worker extension class (qualified name): hwnoise's, or a subclass of it.
         **llm_kwargs: passed on to ``vllm.LLM`` (e.g. ``gpu_memory_utilization=0.5``).
 
     Example::
@@ -58,7 +59,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model="default", *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
-                 kv_cache_memory_bytes: int | None = None, **llm_kwargs):
+                 kv_cache_memory_bytes: int | None = None, extension: str = EXTENSION, **llm_kwargs):
         from ..models import meta_model, resolve
 
         dtype = _DTYPE_ALIASES.get(str(dtype), str(dtype))
@@ -77,6 +78,7 @@ class VLLMEngine:
                              "from a directory here (no hub at run time)")
         self.dtype, self.seed, self.max_model_len = dtype, int(seed), max_model_len
         self.kv_cache_memory_bytes, self.llm_kwargs = kv_cache_memory_bytes, dict(llm_kwargs)
+        self.extension = str(extension)
         self.reference = meta_model(self.model_dir)  # names and shapes, no weights: settings resolve on it
         self.tokenizer = None
         self.llm = None
@@ -126,7 +128,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv)
         t0 = time.perf_counter()
         self.llm = LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=self.dtype, enforce_eager=True,
-                       seed=self.seed, max_model_len=self.max_model_len, worker_extension_cls=EXTENSION, **kwargs)
+                       seed=self.seed, max_model_len=self.max_model_len, worker_extension_cls=self.extension, **kwargs)
         self.startup_seconds = time.perf_counter() - t0
         self.with_tokenizer()
         return self
@@ -134,6 +136,19 @@ class VLLMEngine:
     def rpc(self, method: str, *args, **kwargs):
         """``collective_rpc`` of one of the worker extension's methods; the first worker's answer."""
         return self.start().llm.collective_rpc(method, args=args, kwargs=kwargs)[0]
+
+    def read_weights(self, names) -> dict:
+        """``{HF weight name: tensor}`` of what the engine's model holds now (``vllm_emulation.vllm_weight``:
+        a fused parameter's slice, or on the CPU backend the layer's own packed GEMM applied to the identity)."""
+        from .vllm_worker import unpack
+
+        return {n: unpack(v) for n, v in self.rpc("hwnoise_read", list(names), self.model_dir).items()}
+
+    def norms(self) -> dict:
+        """``{name: tensor}`` of every RMSNorm weight the engine's model holds now."""
+        from .vllm_worker import unpack
+
+        return {n: unpack(v) for n, v in self.rpc("hwnoise_norms").items()}
 
     def load(self, setting, *, perturb_seed: int | None = None, perturb_scale: float = 0.0,
              quantize: bool = True) -> dict:

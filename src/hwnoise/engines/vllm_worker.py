@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 import torch
 
-__all__ = ["HwnoiseEvalExtension"]
+__all__ = ["HwnoiseEvalExtension", "pack", "perturbed_weights", "unpack"]
 
 
 class HwnoiseEvalExtension:
@@ -72,7 +72,7 @@ class HwnoiseEvalExtension:
         self._hw()["emu"] = emu
         return emu.take_stats()
 
-    def hwnoise_read(self, names: list[str], model_dir: str) -> dict[str, torch.Tensor]:
+    def hwnoise_read(self, names: list[str], model_dir: str) -> dict[str, tuple]:
         """What the model holds for each HF weight name (read through the layer's own kernel where
         the backend packed the weight away; ``vllm_emulation.vllm_weight``)."""
         from .vllm_emulation import vllm_weight
@@ -80,17 +80,17 @@ class HwnoiseEvalExtension:
         reference = self._hw_reference(model_dir)
         shapes = {n: tuple(p.shape) for n, p in reference.named_parameters()}
         model = self._hw_model()
-        return {name: vllm_weight(model, name, shapes).detach().clone() for name in names}
+        return {name: pack(vllm_weight(model, name, shapes)) for name in names}
 
-    def hwnoise_norms(self) -> dict[str, torch.Tensor]:
-        """Every RMSNorm weight of the model (name: a copy)."""
+    def hwnoise_norms(self) -> dict[str, tuple]:
+        """Every RMSNorm weight of the model (name: ``pack``ed copy)."""
         from ..select import is_rmsnorm
 
         out = {}
         for name, module in self._hw_model().named_modules():
             weight = module._parameters.get("weight")
             if weight is not None and is_rmsnorm(module):
-                out[f"{name}.weight"] = weight.detach().clone()
+                out[f"{name}.weight"] = pack(weight)
         return out
 
     # -- AQN -----------------------------------------------------------------------------------
@@ -123,6 +123,22 @@ class HwnoiseEvalExtension:
         return True
 
 
+def pack(tensor: torch.Tensor) -> tuple:
+    """A tensor as (dtype name, shape, raw bytes): what crosses collective_rpc intact (its msgpack
+    encoder sends tensors as out-of-band buffers that results do not carry back). ``unpack`` inverts it."""
+    t = tensor.detach().to("cpu").contiguous()
+    return str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()
+
+
+def unpack(packed) -> torch.Tensor:
+    """The tensor ``pack`` packed, bit for bit.
+
+    Example: ``torch.equal(unpack(pack(t)), t)``.
+    """
+    dtype, shape, data = packed
+    return torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape)
+
+
 def perturbed_weights(weights, seed: int, scale: float):
     """``(name, tensor)`` with keyed Gaussian noise (``scale`` x the tensor's std) added to every
     floating-point tensor: the same tensors in every process for the same (seed, name).
@@ -137,3 +153,4 @@ def perturbed_weights(weights, seed: int, scale: float):
             noise = torch.randn(tensor.shape, generator=g, dtype=torch.float32)
             tensor = (tensor.float() + noise * (scale * float(tensor.float().std()))).to(tensor.dtype)
         yield name, tensor
+
