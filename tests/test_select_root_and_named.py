@@ -15,7 +15,7 @@ from hwnoise.errors import Quantize, RelativeGaussian
 from hwnoise.select import DEFAULT_EXCLUDE, select_modules
 from test_inject_models import tiny_llama, tokens
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "noise.md"  # the hn.inject snippet (moved from the README)
 
 
 def test_inject_on_a_bare_module_selects_the_root():
