@@ -5,7 +5,8 @@
     HWNOISE_SCALE     the scale of relative / absolute / bias (required for those unless in the spec;
                       a spec that carries its own scale and HWNOISE_SCALE together are refused)
     HWNOISE_OPS       "linear,matmul,bmm" (default) or "all" or any comma-separated op names
-    HWNOISE_SEED      integer (default 0)
+    HWNOISE_SEED      integer (default 0); each process keys its draws with its own seed derived
+                      from it, its rank and its replica (``hwnoise.inject.keys.process_seed``)
     HWNOISE_PHASE     both (default) | rollout | training
     HWNOISE_FORWARD   1 (default) | 0      HWNOISE_BACKWARD   1 (default) | 0
 
