@@ -165,6 +165,11 @@ def test_clean_equals_lm_evals_own_hf_model_and_settings_leave_the_model_as_it_w
         lm_eval.simple_evaluate(model=noisy, tasks=["tiny_mc"], task_manager=manager, limit=2, bootstrap_iters=0)
     assert noisy.emulated_calls > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # noise keyed by the request, not by call order: 3 documents alone draw what they drew among 8
+    alone = lm_eval.simple_evaluate(model=EmulatedHFLM(pretrained=model, tokenizer=tok, emulation="relative:1@ops"),
+                                    tasks=["tiny_mc"], task_manager=manager, limit=3, bootstrap_iters=0, log_samples=True)
+    among = {r["doc_id"]: r["resps"] for r in samples(out, "tiny_mc", "relative:1@ops")}
+    assert [json.loads(json.dumps(r["resps"])) == among[r["doc_id"]] for r in alone["samples"]["tiny_mc"]] == [True] * 3
     t0 = time.perf_counter()
     ref = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=["gsm8k_local", "tiny_mc"],
                                   task_manager=manager, limit=N_DOCS, num_fewshot=0, gen_kwargs={"max_gen_toks": 32},
