@@ -40,7 +40,7 @@ def lm_eval_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the emulation's noise (and of the bootstrap).")] = 0,
     gsm8k_path: Annotated[str | None, typer.Option("--gsm8k-path", help="Local GSM8K test .jsonl for gsm8k_local (default: $HWNOISE_GSM8K, else /work/shared/data/gsm8k/test.jsonl); few-shot examples from train.jsonl beside it.")] = None,
     include_path: Annotated[list[Path] | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAMLs (repeatable).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: lm-eval.json, run.json, samples/ and results/ per task and setting. A rerun resumes.")] = Path("hwnoise-out/lm-eval"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: lm-eval.json, lm-eval-run.json, samples/ and results/ per task and setting. A rerun resumes.")] = Path("hwnoise-out/lm-eval"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Recompute every pair instead of resuming.")] = False,
     threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")] = None,
     device: DeviceOption = "auto",

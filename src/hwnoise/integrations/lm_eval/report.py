@@ -165,7 +165,7 @@ def table(data: dict, task: str):
     primary = t_data["primary_metric"]
     t = Table(title=f"{task} on {data['model']} (n = {t_data['n']}, class by {primary}; 0/1 metrics in points)")
     for col in ("setting", f"{primary} [95 % CI]", "drop [95 % CI]", "McNemar p", "b / c", "class", "other metrics"):
-        t.add_column(col, justify="left" if col in ("setting", "class", "other metrics") else "right")
+        t.add_column(col, justify="left" if col in ("setting", "class", "other metrics") else "right", overflow="fold")
     comparisons = {c["setting"]: c for c in t_data["comparisons"]}
     for s in t_data["settings"]:
         m = s["metrics"][primary]

@@ -3,7 +3,7 @@
 The unit of work is one (task, setting) pair: ``lm_eval.simple_evaluate`` on one leaf task with an
 ``EmulatedHFLM`` for that setting, lm-eval's per-document samples kept. Layout of ``out``::
 
-    run.json                          what was asked (model, tasks, settings, options)
+    lm-eval-run.json                  what was asked (model, tasks, settings, options)
     tasks/gsm8k_local.yaml            the offline GSM8K task (when asked for)
     samples/<task>/<setting>.jsonl    lm-eval's samples, one line per document (and filter)
     results/<task>/<setting>.json     lm-eval's results for the pair, its identity, wall time
@@ -34,7 +34,7 @@ from .tasks import GSM8K_TASK, build_task_manager, data_files_sha256, resolve_gs
 
 __all__ = ["LmEvalPlan", "Pair", "plan_lm_eval", "run_pairs", "setting_slug"]
 
-RUN_FILE = "run.json"
+RUN_FILE = "lm-eval-run.json"  # not run.json: hwnoise eval writes that name, and --out may be shared
 REPORT_FILE = "lm-eval.json"
 PAIR_KEYS = IDENTITY_KEYS + ("task", "task_config_sha256", "data_sha256", "limit", "num_fewshot", "gen_kwargs",
                              "batch_size", "seed", "lm_eval_version", "hwnoise_version")
