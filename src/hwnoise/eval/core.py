@@ -25,8 +25,8 @@ from ..devices import place
 from ..emulation import Emulation
 from ..identity import DEFAULT_ENGINE, IDENTITY_KEYS, identity_differences, run_identity
 from ..io import atomic_write_json, check_outputs, is_hwnoise_png, json_with_keys, jsonl_with_keys, prepare_out_dir
+from ..plans import WeightPlan, is_plan_spec
 from ..rewards import extract_answer, is_correct
-from ..engines import evaluation_engine
 from .generate import build_prompts
 from .report import ANSWER_METRICS, EvalReport, SettingResult
 
@@ -169,8 +169,6 @@ def _check_plan_modules(model, setting: Emulation) -> None:
     would quantize nothing there: refused, naming the entries and what a plan names."""
     import torch
 
-    from ..plans import WeightPlan, is_plan_spec
-
     for value in (getattr(setting, "weight_format", None), getattr(setting, "input_format", None)):
         if value is None or not is_plan_spec(value):
             continue
@@ -277,6 +275,8 @@ def evaluate(model, tokenizer, problems, settings, n: int | None = None, batch_s
         raise TypeError(f"seed must be an integer; got {seed!r}")
     if metric not in ANSWER_METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(ANSWER_METRICS)}")
+    from ..engines import evaluation_engine  # engines (same layer) build on eval.generate: imported on use
+
     emulations = parse_settings(settings)
     given = model
     gen = evaluation_engine(engine, model, tokenizer, seed=seed, dtype=dtype)  # ValueError: unknown engine
