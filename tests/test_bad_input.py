@@ -349,8 +349,8 @@ def test_item11_cli_errors_quote_brackets_back_whole(tmp_path, no_load):
     (("eval", "MODEL", "--setting", "weights:mxfp4+targets:layers.99"), "99"),
     (("scan", "MODEL", "--format", "mxfp5"), "mxfp5"),
     (("scan", "MODEL", "--dtype", "fp8"), "fp8"),
-    pytest.param(("scan", "MODEL", "--setting", "weights:mxfp4+targets:layers.99"), "99", marks=pytest.mark.xfail(
-        strict=True, reason="H2 (cli/scan.py): scan resolves --setting against the model only after loading it")),
+    (("scan", "MODEL", "--setting", "weights:mxfp4+targets:layers.99"), "99"),
+    (("scan", "MODEL", "--setting", "weights:mxfp4+exclude:*"), "matched no module"),
     (("scan", "MODEL", "--plan", "bf16", "--target-kl", "-1"), "-1"),
     (("scan", "MODEL", "--plan", "bf16", "--budget-bits", "inf"), "inf"),
 ])

@@ -97,12 +97,26 @@ def scan_command(
 
     from ..models import DEFAULT_MODEL_NOTE
 
+    def scanned_modules(net):
+        return emulation.weights.select(net, exclude=SCAN_EXCLUDE) if emulation.weight_format and \
+            isinstance(emulation.weights, WeightPlan) else \
+            select_modules(net, emulation.targets, exclude=SCAN_EXCLUDE + emulation.exclude, default_exclude=False)
+
+    from ..models import meta_model
+
+    try:  # the selection against the model's structure (meta device, no weights read) before the load
+        skeleton = meta_model(model)
+    except Exception:  # noqa: BLE001  (a bad model spec: the load below names the problem)
+        skeleton = None
+    if skeleton is not None:
+        try:
+            scanned_modules(skeleton)
+        except ValueError as exc:  # a layer range or plan that does not fit this model
+            _fail(str(exc))
     t0 = time.perf_counter()
     net, tokenizer = _load_model(model, device, dtype, device_map)
     try:
-        modules = emulation.weights.select(net, exclude=SCAN_EXCLUDE) if emulation.weight_format and \
-            isinstance(emulation.weights, WeightPlan) else \
-            select_modules(net, emulation.targets, exclude=SCAN_EXCLUDE + emulation.exclude, default_exclude=False)
+        modules = scanned_modules(net)
     except ValueError as exc:  # a plan for another model
         _fail(str(exc))
     console.print(f"[bold]{model}[/]: {len(modules)} modules under {emulation.spec}, {len(calibration)} calibration "
