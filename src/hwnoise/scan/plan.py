@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..formats.fake_quant import options_for, quantize, saturation_mask
-from ..formats.registry import get
+from ..formats.registry import get, names
 from ..plans import REFERENCE_BITS
 from ..progress import ProgressCallback, progress_reporter
 from ..select import decoder_layer_index
@@ -56,8 +56,6 @@ def split_candidates(text: str) -> list[str]:
     """"mxfp6_e2m3,mxfp8:rceil,rounding=stochastic,bf16" -> the three formats: a comma starts a new
     candidate only where a format name follows (a format's own options, "rceil" or "key=value",
     stay with it)."""
-    from ..formats.registry import names
-
     known = {n.lower() for n in names()}
     out: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
