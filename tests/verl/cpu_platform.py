@@ -40,9 +40,29 @@ class _VllmCpuAsVllm(metadata.DistributionFinder):
 
 if not any(isinstance(f, _VllmCpuAsVllm) for f in sys.meta_path):
     sys.meta_path.append(_VllmCpuAsVllm())
+# vLLM detects its CPU build by "cpu" in version("vllm") (vllm/platforms/__init__.py:18-33, :187),
+# which the alias above answers "0.31.0": say it directly, or vLLM loads the AVX512 kernels of
+# another platform ("Fatal Python error: Illegal instruction" on an AVX2 machine).
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 from verl.plugin.platform.platform_base import PlatformBase  # noqa: E402
 from verl.plugin.platform.platform_manager import PlatformRegistry  # noqa: E402
+
+
+class _CpuDeviceModule:
+    """torch.cpu plus the memory statistics verl logs (torch.cuda.memory_reserved & co.): zero here."""
+
+    def __getattr__(self, name):
+        if hasattr(torch.cpu, name):
+            return getattr(torch.cpu, name)
+        if name.startswith(("memory_", "max_memory_", "reset_")) or name in ("empty_cache", "ipc_collect"):
+            return lambda *a, **k: 0
+        if name == "mem_get_info":
+            return lambda *a, **k: (0, 0)
+        raise AttributeError(f"torch.cpu has no {name!r} (test-only CPU platform)")
+
+
+_CPU_DEVICE_MODULE = _CpuDeviceModule()
 
 
 @PlatformRegistry.register(platform="cpu")
@@ -57,7 +77,7 @@ class PlatformCPU(PlatformBase):
 
     @property
     def device_module(self):
-        return torch.cpu
+        return _CPU_DEVICE_MODULE
 
     def is_available(self) -> bool:
         return True
