@@ -35,7 +35,8 @@ __all__ = ["DEFAULTS", "ENGINES", "MISMATCH_FILE", "MismatchReport", "ROLLOUT_LO
 MISMATCH_FILE = "mismatch.json"
 ENGINES = ("hf",)
 ROLLOUT_LOGPROBS = ("rescore", "sampler")
-# Sized for the bundled model (SmolLM2-135M, fp32) on 2 shared CPU cores: about 20 s a setting.
+# Sized for the bundled model (SmolLM2-135M, fp32) on 2 CPU cores: about 1 CPU-minute a setting (measured on a
+# machine at load ~24, where 5 settings took 49 min of wall time: docs/mismatch.md).
 DEFAULTS = {"prompts": "arith", "n": 16, "samples_per_prompt": 1, "max_new_tokens": 64, "temperature": 1.0,
             "clip": 2.0, "batch_size": 8, "seed": 0, "rank_by": "abs_logp_diff", "rollout_logprobs": "rescore",
             "engine": "hf"}
