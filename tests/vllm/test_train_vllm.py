@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "vllm_mxfp4_w4a16_aqn.yaml"
+EXAMPLE = ROOT / "examples" / "vllm" / "mxfp4_w4a16_aqn.yaml"
 # Cheap: 2 steps of one prompt group (4 completions of <= 16 tokens), 2 held-out problems.
 TINY = ["steps=2", "data.n_train=8", "data.n_eval=2", "eval.max_new_tokens=16", "algorithm.max_completion_length=16",
         "algorithm.batch_size=4", "algorithm.num_generations=4", "device=cpu", "threads=2", "logging.report_to=none",
