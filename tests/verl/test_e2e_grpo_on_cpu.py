@@ -15,15 +15,18 @@ overrides below, the first one not worked around is where the run stops):
 4. worked around: flash attention by default (model.use_remove_padding, attn_implementation).
 5. worked around: verl/models/transformers/monkey_patch.py:352-356 imports TRL's
    AutoModelForCausalLMWithValueHead, which TRL 1.16 (in this environment) no longer has.
-6. verl/utils/fsdp_utils.py:507 (fsdp2_load_full_state_dict) and transformer_impl.py:440 (FSDP1
-   device_id) move the model to ``get_device_id()``, an accelerator index: "Cannot access
-   accelerator device when none is available". cpu_platform returns torch.device("cpu") there;
-   whether the run then reaches the vLLM server is recorded in the issue-23 report.
-Known next: the vLLM CPU backend packs linear weights into oneDNN handles after loading (the
-Parameter is left empty), so verl's ``model.load_weights`` in vLLMColocateWorkerExtension
-(verl/workers/rollout/vllm_rollout/utils.py:~405) cannot update them (H4a's finding; hwnoise's own
-vLLM path uses vLLM's layerwise reload for this).
-
+6. worked around: verl/utils/fsdp_utils.py:507 (fsdp2_load_full_state_dict) and
+   transformer_impl.py:440 (FSDP1 device_id) move the model to ``get_device_id()``, an accelerator
+   index on every platform ("Cannot access accelerator device"); cpu_platform returns
+   torch.device("cpu"), with FSDP2 (actor.strategy=fsdp2; FSDP1's device_id path stays broken).
+7. worked around: verl logs torch.<device>.memory_reserved & co. (torch.cpu has none).
+8. worked around: cpu_platform's "vllm" alias hides the "+cpu" version vLLM detects its build by
+   (vllm/platforms/__init__.py:18-33): VLLM_TARGET_DEVICE=cpu, else vLLM loads AVX512 kernels.
+9. worked around: vLLM's CPU platform has no sleep mode, verl enables it by default
+   (rollout.enable_sleep_mode; vllm_async_server.py:337): "Sleep mode is not supported".
+With these, the FSDP2 actor initializes on gloo (real verl ActorRolloutRefWorker, FSDP engine)
+and verl's vLLMHttpServer starts building the vLLM CPU engine; the issue-23 report says where
+the last run stopped.
 The test is a strict xfail: when verl runs through, it fails as "XPASS" and becomes the CI
 end-to-end test by removing the mark. Marked slow (several minutes on 2 cores).
 """
@@ -78,7 +81,7 @@ def overrides(tmp_path, model):
         "actor_rollout_ref.rollout.enforce_eager=True", "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.max_model_len=512", "actor_rollout_ref.rollout.max_num_batched_tokens=512",
-        "actor_rollout_ref.rollout.free_cache_engine=False", "actor_rollout_ref.rollout.dtype=float32",
+        "actor_rollout_ref.rollout.free_cache_engine=False", "+actor_rollout_ref.rollout.enable_sleep_mode=False", "actor_rollout_ref.rollout.dtype=float32",
         "actor_rollout_ref.rollout.agent.num_workers=1", "reward.num_workers=1",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
         "trainer.n_gpus_per_node=1", "trainer.nnodes=1", "trainer.total_training_steps=2", "trainer.test_freq=-1",
