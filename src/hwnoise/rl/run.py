@@ -242,8 +242,8 @@ def _grpo_config(config: TrainConfig, device: str, *, progress: bool = True, **e
         use_cpu=cpu,
         bf16=bf16,
         use_vllm=config.use_vllm,
-        vllm_mode=config.vllm_mode,
-        vllm_importance_sampling_correction=config.vllm_importance_sampling_correction,
+        vllm_mode=config.rollout.vllm_mode,
+        vllm_importance_sampling_correction=config.rollout.importance_sampling_correction,
         **extra,
     )
 
