@@ -4,7 +4,7 @@ One command regenerates every table and figure of docs/findings.md:
 
     python benchmarks/findings.py --out DIR [--quick] [--model PATH]   # F1-F4 -> DIR/findings.json, .md, .png
     python benchmarks/findings.py --out DIR --render-only              # rebuild the Markdown/PNGs from the JSON
-    python benchmarks/findings.py --out DIR --train [--quick]          # F5: baseline / 5 % noise / noise + AQN
+    python benchmarks/findings.py --out DIR --train [--quick|--device cuda]  # F5: pilot, baseline / noise / MXFP4 (+ AQN)
 
 What each finding measures (public API only: hn.scan, hn.evaluate, hn.AQN, hn.Emulation specs,
 hwnoise.data.load_problems, hwnoise.models.load, hwnoise.rl):
@@ -20,12 +20,14 @@ hwnoise.data.load_problems, hwnoise.models.load, hwnoise.rl):
   0.005 (one draw, seed 0, held over the whole evaluation) around ``hn.evaluate``; accuracy paired
   with F3's clean run on the same problems, and the mean next-token entropy (nats) of the model on
   its own clean completions (teacher-forced) under each condition.
-- F5 (``--train``): ``hwnoise.rl.train`` three times (baseline, 5 % relative operator noise in rollout
-  and training, the same plus epoch-aware AQN), held-out accuracy before and after, paired. The
-  prompts are few-shot: GSM8K-format problem files (DIR/train/problems/) whose questions carry the
-  same worked examples as F3/F4 (train stream), training on the train stream, held out from the test
-  stream; reward and metric strict ``#### N``. ``--quick`` is the CPU pilot; ``--train-runs`` picks
-  runs, ``--train-lr`` the learning rate.
+- F5 (``--train``): ``hwnoise.rl.train`` (LoRA, GRPO/DAPO, zero-shot prompts, strict ``#### N`` reward +
+  format bonus) in stages, each writing its own result and skipped when done: the start model evaluated
+  clean and under each condition; a pilot stage (short baseline runs, one per ``--pilot-lrs``) that picks
+  the learning rate; then baseline, ``noise`` (5 % relative operator noise in rollout and training,
+  forward and backward), ``mxfp4`` (MXFP4 W4A16 rollouts), each condition also + epoch-aware AQN on the
+  RMSNorm weights; every run's end evaluated clean and under every condition, paired (McNemar,
+  bootstrap, n_needed). ``--quick``: 2 steps, 4 problems, 8 tokens (the end-to-end test);
+  ``--device cuda``: the GPU sizing; ``--train-budget-min``: a time budget (rerun to continue).
 
 Evaluation runs are resumable (``DIR/runs/*``: hn.evaluate's records.jsonl), so a killed run
 continues where it stopped. ``findings.json`` is written atomically; the Markdown (``findings.md``)
@@ -105,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="output directory (findings.json, findings.md, PNGs, runs/)")
     ap.add_argument("--quick", action="store_true", help=f"small n ({MODES['quick']['n']} problems per setting): "
                     "a smoke run of the whole pipeline in under 15 minutes on 2 CPU cores")
-    ap.add_argument("--train", action="store_true", help="F5: the baseline / 5 %% noise / noise + AQN training triple")
+    ap.add_argument("--train", action="store_true", help="F5: pilot, then baseline / 5 %% noise / MXFP4 rollouts, each + AQN")
     ap.add_argument("--render-only", action="store_true", help="rebuild findings.md and the PNGs from DIR's JSON")
     ap.add_argument("--model", default="default", help="model: 'default' (bundled SmolLM2-135M) or a path/HF id")
     ap.add_argument("--problems", default=DEFAULT_PROBLEMS, help=f"problem set (default {DEFAULT_PROBLEMS!r})")
@@ -122,22 +124,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--assemble", action="store_true", help="F3/F4: generate nothing; assemble findings.json from "
                     "the chunks every setting has completed (n may then be below --n)")
     ap.add_argument("--train-steps", type=int, default=None, help="F5: optimizer steps per run (default: by mode)")
-    ap.add_argument("--train-lr", type=float, default=None, help=f"F5: learning rate (default {TRAIN_LR:g})")
+    ap.add_argument("--train-lr", type=float, default=None, help="F5: learning rate of the runs (skips the pilot "
+                    f"stage; default: the pilot's choice, else {TRAIN_LR:g})")
+    ap.add_argument("--pilot-lrs", default=None, help="F5: the pilot stage's learning rates (comma-separated; "
+                    "default: by mode)")
     ap.add_argument("--train-runs", default=",".join(TRAIN_RUNS), help="F5: which runs, in order (a subset of "
                     f"{','.join(TRAIN_RUNS)}; finished runs in DIR are reused, not retrained)")
+    ap.add_argument("--train-n-eval", type=int, default=None, help="F5: held-out problems (default: by mode)")
+    ap.add_argument("--train-tokens", type=int, default=None, help="F5: completion and evaluation tokens (default: by mode)")
+    ap.add_argument("--train-budget-min", type=float, default=None, help="F5: stop after this many minutes (a "
+                    "training run stops at its next step with a checkpoint); rerun the command to continue")
+    ap.add_argument("--train-engine", default="hf", help="F5: rollout engine 'hf' or 'vllm' (TRL colocate; run "
+                    "with .venv-verl; the noise runs are refused: vLLM's kernels do not call operator noise)")
+    ap.add_argument("--train-finetune", default="lora", help="F5: 'lora' (default) or 'full'")
     args = ap.parse_args(argv)
     errors = []
-    for name in ("n", "max_new_tokens", "batch_size", "threads", "train_steps"):
+    for name in ("n", "max_new_tokens", "batch_size", "threads", "train_steps", "train_n_eval", "train_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             errors.append(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     if args.train_lr is not None and not args.train_lr > 0:
         errors.append(f"--train-lr must be > 0; got {args.train_lr:g}")
+    if args.train_budget_min is not None and not args.train_budget_min > 0:
+        errors.append(f"--train-budget-min must be > 0; got {args.train_budget_min:g}")
+    if args.pilot_lrs is not None:
+        try:
+            lrs = tuple(float(t) for t in args.pilot_lrs.split(",") if t.strip())
+        except ValueError:
+            lrs = ()
+        if not lrs or any(not x > 0 for x in lrs):
+            errors.append(f"--pilot-lrs: expected comma-separated learning rates > 0; got {args.pilot_lrs!r}")
+        args.pilot_lrs = lrs
     runs = [r.strip() for r in args.train_runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in TRAIN_RUNS]
     if unknown or not runs:
         errors.append(f"--train-runs: expected a subset of {','.join(TRAIN_RUNS)}; got {args.train_runs!r}")
     args.train_runs = tuple(runs)
+    if args.train_engine not in ("hf", "vllm"):
+        errors.append(f"--train-engine must be 'hf' or 'vllm'; got {args.train_engine!r}")
+    elif args.train_engine == "vllm":
+        noisy = [r for r in runs if RUN_CONDITION.get(r) == "noise"]
+        if noisy:
+            errors.append(f"--train-engine vllm: the runs {','.join(noisy)} train under operator noise, which vLLM's "
+                          "kernels do not call; use --train-runs baseline,mxfp4,mxfp4+aqn (or --train-engine hf)")
+    if args.train_finetune not in ("lora", "full"):
+        errors.append(f"--train-finetune must be 'lora' or 'full'; got {args.train_finetune!r}")
     if args.shots < 0:
         errors.append(f"--shots must be >= 0; got {args.shots}")
     if args.only is not None:
@@ -644,78 +675,6 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _curve_text(values, fmt="{:.2f}") -> str:
-    return " ".join(fmt.format(v) for v in values) if values else "—"
-
-
-def render_train_markdown(data: dict) -> str:
-    metric = data.get("metric", "flexible")
-    lines = [f"<!-- generated by benchmarks/findings.py --train from {TRAIN_JSON_FILE} -->", "",
-             f"Model `{data['model']}`, device {data['device']}, mode {data.get('mode')}; train data "
-             f"{data['train_data']} ({data.get('n_train', '?')} problems × {data.get('epochs', '?')} epochs), "
-             f"held-out {data['eval_data']} (n={data['n_eval']}, {metric} metric, greedy, "
-             f"{data.get('eval_max_new_tokens', '?')} tokens); {data.get('prompts_per_step', '?')} prompts × "
-             f"{data['num_generations']} completions × {data.get('max_completion_length', '?')} tokens per step, "
-             f"LR {data['learning_rate']:g}, temperature {data.get('temperature', '?')}; "
-             f"wall {data['wall_seconds'] / 60:.1f} min.", "",
-             "| run | steps | held-out accuracy % before → after [Wilson 95 % after] | after − before, pts [bootstrap 95 %], "
-             "McNemar p (gained / lost) | s/step (wall, with evaluations) |",
-             "|---|---|---|---|---|"]
-    for r in data["runs"]:
-        evals = " → ".join(f"{e['accuracy']:.1f}" for e in r["evals"]) or "—"
-        if r.get("eval_end"):
-            evals += f" {_ci(r['eval_end']['wilson_ci'], '{:.1f}')}"
-        learn = r.get("learning")
-        lt = (f"{learn['difference']:+.1f} {_ci(learn['ci'], '{:+.1f}')}, p {_p(learn['mcnemar_p'])} "
-              f"({learn['gained']} / {learn['lost']})") if learn else "—"
-        st = f" (training step alone {r['step_time_mean']:.0f})" if r.get("step_time_mean") else ""
-        lines.append(f"| {r['name']} | {r.get('steps', '?')} | {evals} | {lt} | {r['seconds_per_step']:.0f}{st} |")
-    lines += ["", "Per step (TRL's log):", "", "| run | quantity | per step |", "|---|---|---|"]
-    for r in data["runs"]:
-        curves = r.get("curves") or {"reward": r.get("reward_curve") or []}
-        for key, values in curves.items():
-            if values:
-                lines.append(f"| {r['name']} | {key} | {_curve_text(values)} |")
-    for r in data["runs"]:
-        if r.get("reward_by_epoch"):
-            lines += ["", f"{r['name']}: mean reward per epoch (the same training problems each epoch): "
-                      + " → ".join(f"{v:.3f}" for v in r["reward_by_epoch"]) + "."]
-    for c in data.get("comparisons", []):
-        lines += ["", f"{c['a']} vs {c['b']} at the end (paired on the held-out problems): difference "
-                  f"{c['difference']:+.1f} pts {_ci(c['ci'], '{:+.1f}')}, McNemar p {_p(c['mcnemar_p'])}."]
-    return "\n".join(lines) + "\n"
-
-
-def render_train_plot(data: dict, out: Path) -> list[str]:
-    """train.json's learning curve: reward per step (and a 3-step running mean) per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    drawn = False
-    for r in data["runs"]:
-        rew = (r.get("curves") or {}).get("reward") or r.get("reward_curve") or []
-        if not rew:
-            continue
-        steps = np.arange(1, len(rew) + 1)
-        line, = ax.plot(steps, rew, "o", alpha=0.35, ms=3)
-        k = min(3, len(rew))
-        smooth = np.convolve(rew, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, "-", color=line.get_color(), label=f"{r['name']} (mean of {k})")
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return []
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward of the step's completions")
-    ax.set_title(f"F5: reward per step ({data['device']}, {data.get('mode')})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return [_save(fig, out / "f5_reward.png")]
-
-
 def render_plots(data: dict, out: Path) -> list[str]:
     """PNG views of findings.json: F1/F2 per-module distributions, F3/F4 accuracy with intervals."""
     import matplotlib
@@ -824,220 +783,497 @@ def render(out: Path) -> list[str]:
 # F5: training
 # --------------------------------------------------------------------------------------------------
 
+# Settings by mode. "quick": the end-to-end smoke test (tests/test_findings_train.py): 2 steps, 4 held-out
+# problems, 8 tokens. "cpu": the 2-core recipe. "gpu" (--device cuda): one H200, bundled model or a
+# Qwen2.5-0.5B/1.5B-class HF directory (--model PATH). Epoch-aware AQN restarts its schedule each epoch,
+# so every mode trains 2 epochs. Why these settings: docs/findings.md, F5 (the pilot table).
 TRAIN_MODES = {
-    # quick: the CPU pilot; full: sized for 10 minutes of one H200 (docs/findings.md, F5).
-    # epoch-aware AQN restarts its schedule each epoch, so both modes run 2 epochs.
-    "quick": {"prompts_per_step": 2, "group": 4, "steps_per_epoch": 6, "epochs": 2, "n_eval": 32,
-              "eval_max_new_tokens": 48, "max_completion_length": 48, "temperature": 0.7},
-    "full": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 20, "epochs": 2, "n_eval": 200,
-             "eval_max_new_tokens": 64, "max_completion_length": 64, "temperature": 0.7},
+    "quick": {"prompts_per_step": 1, "group": 2, "steps_per_epoch": 1, "epochs": 2, "n_eval": 4,
+              "max_completion_length": 8, "eval_max_new_tokens": 8, "eval_every": 0, "eval_batch_size": 4,
+              "pilot_lrs": (3e-4,), "pilot_steps": 1, "lora_rank": 8},
+    "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 15, "epochs": 2, "n_eval": 64,
+            "max_completion_length": 24, "eval_max_new_tokens": 24, "eval_every": 10, "eval_batch_size": 16,
+            "pilot_lrs": (1e-4, 3e-4), "pilot_steps": 10, "lora_rank": 16},
+    "gpu": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 30, "epochs": 2, "n_eval": 400,
+            "max_completion_length": 48, "eval_max_new_tokens": 48, "eval_every": 10, "eval_batch_size": 64,
+            "pilot_lrs": (1e-4, 3e-4, 5e-4), "pilot_steps": 20, "lora_rank": 16},
 }
 TRAIN_DATA = "arith:level=1"
-TRAIN_SHOTS = 2  # worked examples before every training and held-out question (as F3/F4's evaluation)
-# The strict '#### N' reward: after a few-shot answer the model often goes on with a next "Question: ..."
-# full of numbers, which the flexible metric (the LAST number) would score instead of the answer.
+# Zero-shot prompts (the library's chat prompt: its instruction, then the question) with one short line
+# asking for the answer line only: a short prompt keeps the training forward/backward cheap, and the
+# completion budget short (the previous few-shot pilot spent ~100 s a step on 2-shot prompts).
+TRAIN_SUFFIX = "\nReply with only the final line '#### <number>'."
+# Strict '#### N' correctness (1) plus a format bonus for a well-formed answer line: zero-shot, the
+# model rarely writes the line (2/16 at the start), so the format is what GRPO can first learn.
 TRAIN_METRIC = "strict"
-TRAIN_LR = 3e-5
+TRAIN_FORMAT_BONUS = 0.5
+TRAIN_TEMPERATURE = 1.0
+TRAIN_LR = 3e-4  # a LoRA learning rate; the pilot stage picks among TRAIN_MODES[mode]["pilot_lrs"]
 TRAIN_NOISE = 0.05
-TRAIN_RUNS = ("baseline", "noise-5%", "noise-5%+aqn-epoch-aware")
+NOISE_SPEC = f"relative:{TRAIN_NOISE:g}@ops"
+MXFP4_SPEC = "weights:mxfp4"
+# The hardware conditions: what a run trains under and what it is evaluated under.
+CONDITIONS = {"noise": {"rollout": NOISE_SPEC, "training": NOISE_SPEC},  # forward and backward
+              "mxfp4": {"rollout": MXFP4_SPEC, "training": None}}         # W4A16 rollouts (QeRL)
+AQN_EPOCH_AWARE = {"enabled": True, "schedule": "epoch_aware", "sigma_start": 1e-2, "sigma_end": 5e-4,
+                   "stages": 3, "targets": ["rmsnorm"]}
+TRAIN_RUNS = ("baseline", "noise", "noise+aqn", "mxfp4", "mxfp4+aqn")
+RUN_CONDITION = {"baseline": None, "noise": "noise", "noise+aqn": "noise", "mxfp4": "mxfp4", "mxfp4+aqn": "mxfp4"}
+EVAL_SETTINGS = {"clean": "clean", "noise": NOISE_SPEC, "mxfp4": MXFP4_SPEC}
 TRAIN_FILE = "train-problems.jsonl"
-# per-step quantities kept from TRL's log (train.json): the learning signal and what limits it
-TRAIN_CURVES = ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio",
-                "completions/mean_length", "entropy", "loss", "grad_norm", "step_time")
 TRAIN_EVAL_FILE = "heldout-problems.jsonl"
+# Learning curves kept from TRL's log (train.json, as [step, value] pairs): the learning signal, what
+# limits it, and what each condition applied (rollout/* and training/* are the emulation's own
+# statistics; aqn/* the noise drawn; sampling/* the rollout-training log-prob difference, vLLM only).
+TRAIN_CURVES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "entropy", "loss", "grad_norm", "step_time", "eval/accuracy_strict",
+                "aqn/sigma", "aqn/effective_std", "sampling/sampling_logp_difference/mean",
+                "sampling/sampling_logp_difference/max")
+APPLIED_PREFIXES = ("rollout/", "training/", "aqn/")
 
 
-def write_train_problems(out: Path, spec: str, n_train: int, n_eval: int, shots: int) -> dict:
-    """GSM8K-format problem files whose questions carry ``shots`` worked examples, so that hwnoise.rl's
-    prompts are few-shot with no library change. The examples are the first ``shots`` problems of the
-    train stream; training takes the train stream's next ``n_train`` problems, the held-out file the
-    test stream's first ``n_eval`` whose question is none of those."""
+def write_train_problems(out: Path, spec: str, n_train: int, n_eval: int, suffix: str = TRAIN_SUFFIX) -> dict:
+    """GSM8K-format problem files (question + ``suffix``): training from the train stream's first
+    ``n_train`` problems, held out from the test stream's first ``n_eval`` questions that are not training
+    questions (a generator of small problems repeats some; they are dropped, as hwnoise.rl does).
+
+    Args:
+        out: folder for the two files (created).
+        spec: problem set (``hwnoise.data.load_problems``), e.g. ``"arith:level=1"``.
+        n_train, n_eval: problems in each file.
+        suffix: text appended to every question (the same in training and evaluation).
+
+    Example:
+        >>> info = write_train_problems(Path("/tmp/p"), "arith:level=1", 4, 4)  # doctest: +SKIP
+        >>> sorted(info)[:2]
+        ['eval', 'eval_ids']
+    """
     from hwnoise.data import load_problems
 
-    stream = load_problems(spec, n=shots + n_train, split="train")
-    examples, train = stream[:shots], stream[shots:]
-    seen = {p.question for p in stream}
-    # A generator of small problems repeats some questions across its streams: those are dropped from
-    # the held-out set (as hwnoise.rl does), so a larger draw of the test stream is taken.
+    train = load_problems(spec, n=n_train, split="train")
+    seen = {p.question for p in train}
     drawn = load_problems(spec, n=2 * n_eval + 16, split="test")
     held = [p for p in drawn if p.question not in seen][:n_eval]
     if len(held) < n_eval:
         raise ValueError(f"{spec!r}: only {len(held)} of the test stream's first {len(drawn)} questions are not "
-                         f"also in the train stream's first {len(stream)}; n_eval is {n_eval}")
-    prefix = "".join(f"Question: {e.question}\nAnswer: {_strip_calculator(e.answer)}\n\n" for e in examples)
-    lead = "Question: " if shots else ""
+                         f"also in the train stream's first {len(train)}; n_eval is {n_eval}")
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, problems in ((TRAIN_FILE, train), (TRAIN_EVAL_FILE, held)):
-        rows = [json.dumps({"question": prefix + lead + p.question, "answer": p.answer, "source_id": p.id})
-                for p in problems]
-        (out / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        rows = [json.dumps({"question": p.question + suffix, "answer": p.answer, "source_id": p.id}) for p in problems]
+        write_text(out / name, "\n".join(rows) + "\n")
         paths[name] = str(out / name)
-    return {"train": paths[TRAIN_FILE], "eval": paths[TRAIN_EVAL_FILE], "shots": shots,
-            "example_ids": [e.id for e in examples], "train_ids": [p.id for p in train],
-            "eval_ids": [p.id for p in held], "eval_dropped_as_seen": len([p for p in drawn[:drawn.index(held[-1]) + 1]
-                                                                           if p.question in seen])}
+    return {"train": paths[TRAIN_FILE], "eval": paths[TRAIN_EVAL_FILE], "train_ids": [p.id for p in train],
+            "eval_ids": [p.id for p in held], "suffix": suffix}
 
 
-def train_noise_emulation() -> dict:
-    """The ``emulation`` section of the noisy runs: TRAIN_NOISE relative noise on every linear/matmul/bmm,
-    in rollout and in training (forward and backward). One spec per phase where TrainConfig has that
-    form; the earlier field-by-field keys (the same emulation) otherwise."""
-    import dataclasses
-
-    from hwnoise.rl.config import EmulationConfig
-
-    spec = f"relative:{TRAIN_NOISE:g}@ops"
-    if "rollout" in {f.name for f in dataclasses.fields(EmulationConfig)}:
-        return {"rollout": spec, "training": spec}
-    return {"noise": "relative", "noise_scale": TRAIN_NOISE, "noise_phase": "both"}
+def train_mode(args) -> str:
+    return "quick" if args.quick else "gpu" if args.device == "cuda" else "cpu"
 
 
-def train_configs(args, out: Path) -> list:
-    """The F5 triple as TrainConfigs (validated before anything loads)."""
-    from hwnoise.rl import TrainConfig
-
-    m = dict(TRAIN_MODES[args.mode])
+def train_settings(args) -> dict:
+    """The mode's settings with the command line's overrides."""
+    m = dict(TRAIN_MODES[train_mode(args)])
     if args.train_steps:  # steps per run: keep 2 epochs
         m["steps_per_epoch"] = max(1, args.train_steps // m["epochs"])
+    if args.train_n_eval:
+        m["n_eval"] = args.train_n_eval
+    if args.train_tokens:
+        m["max_completion_length"] = m["eval_max_new_tokens"] = args.train_tokens
+    return m
+
+
+def _save_steps(total: int) -> int:
+    """Checkpoint every few steps (resumable), on a divisor of the run's steps so the last step is saved."""
+    return next(d for d in range(min(5, total), 0, -1) if total % d == 0)
+
+
+def _base_config(args, m: dict, files: dict, lr: float) -> dict:
     steps = m["steps_per_epoch"] * m["epochs"]
-    files = write_train_problems(out / "train" / "problems", TRAIN_DATA, m["steps_per_epoch"] * m["prompts_per_step"],
-                                 m["n_eval"], TRAIN_SHOTS)
-    lr = args.train_lr or TRAIN_LR
-    base = {
+    return {
         "model": args.model, "seed": 0, "device": args.device, "threads": args.threads, "epochs": m["epochs"],
+        "finetune": args.train_finetune,
+        "lora": {"rank": m["lora_rank"], "alpha": 2 * m["lora_rank"]},
+        "rollout": {"engine": args.train_engine},
         "data": {"train": files["train"], "n_train": m["steps_per_epoch"] * m["prompts_per_step"],
                  "eval": files["eval"], "n_eval": m["n_eval"]},
         "algorithm": {"num_generations": m["group"], "batch_size": m["group"] * m["prompts_per_step"],
                       "max_completion_length": m["max_completion_length"], "learning_rate": lr,
-                      "temperature": m["temperature"],
-                      "loss_type": "dapo", "gradient_checkpointing": False},
-        "reward": {"mode": TRAIN_METRIC, "format_bonus": 0.1},
-        "eval": {"at_start": True, "every": steps if args.mode == "quick" else max(1, steps // 2),
-                 "max_new_tokens": m["eval_max_new_tokens"],
-                 "batch_size": 64 if args.device == "cuda" else 8},
-        "logging": {"report_to": ["none"], "save_steps": 0},
+                      "temperature": TRAIN_TEMPERATURE, "loss_type": "dapo",
+                      # off in every run: hwnoise refuses training-phase emulation under checkpointing (the
+                      # recomputed forward would run outside the emulation), and the runs must match.
+                      "gradient_checkpointing": False},
+        "reward": {"mode": TRAIN_METRIC, "format_bonus": TRAIN_FORMAT_BONUS},
+        # at_start off: the start is evaluated once for all runs (train/evals/start); the last step always is.
+        "eval": {"at_start": False, "every": m["eval_every"], "max_new_tokens": m["eval_max_new_tokens"],
+                 "batch_size": m["eval_batch_size"]},
+        "logging": {"report_to": ["none"], "save_steps": _save_steps(steps)},
     }
-    noise = train_noise_emulation()
-    extras = {
-        "baseline": {},
-        "noise-5%": {"emulation": noise},
-        "noise-5%+aqn-epoch-aware": {"emulation": noise, "aqn": {"enabled": True, "schedule": "epoch_aware",
-                                                                 "sigma_start": 1e-2, "sigma_end": 5e-4,
-                                                                 "stages": 3}},
-    }
+
+
+def run_config(name: str, base: dict, run_dir: Path):
+    """One run's TrainConfig: the base plus its condition (emulation) and AQN, validated."""
+    from hwnoise.rl import TrainConfig
+
+    d = json.loads(json.dumps(base))
+    cond = RUN_CONDITION.get(name)
+    if cond:
+        d["emulation"] = dict(CONDITIONS[cond])
+    if name.endswith("+aqn"):
+        d["aqn"] = dict(AQN_EPOCH_AWARE)
+    d["run_dir"] = str(run_dir)
+    return TrainConfig.from_dict(d).validate()
+
+
+def train_configs(args, out: Path, lr: float | None = None) -> list:
+    """The runs as (name, TrainConfig), validated before anything loads."""
+    m = train_settings(args)
+    files = write_train_problems(out / "train" / "problems", TRAIN_DATA, m["steps_per_epoch"] * m["prompts_per_step"],
+                                 m["n_eval"])
+    base = _base_config(args, m, files, lr or args.train_lr or TRAIN_LR)
+    return [(name, run_config(name, base, out / "train" / name)) for name in args.train_runs]
+
+
+def pilot_configs(args, out: Path) -> list:
+    """The pilot stage: short baseline runs, one per learning rate, as (lr, TrainConfig)."""
+    m = train_settings(args)
+    files = write_train_problems(out / "train" / "problems", TRAIN_DATA, m["steps_per_epoch"] * m["prompts_per_step"],
+                                 m["n_eval"])
+    lrs = args.pilot_lrs or m["pilot_lrs"]
     configs = []
-    for name in args.train_runs:
-        d = json.loads(json.dumps(base))
-        for k, v in extras[name].items():
-            d.setdefault(k, {}).update(v)
-        d["run_dir"] = str(out / "train" / name)
-        configs.append((name, TrainConfig.from_dict(d).validate()))
+    for lr in lrs:
+        base = _base_config(args, m, files, lr)
+        base.pop("epochs")
+        base["steps"] = m["pilot_steps"]
+        base["logging"]["save_steps"] = _save_steps(m["pilot_steps"])
+        configs.append((lr, run_config("baseline", base, out / "train" / f"pilot-lr{lr:g}")))
     return configs
 
 
-def run_train(args, out: Path, log) -> dict:
-    from hwnoise.eval.stats import compare, wilson_interval
-    from hwnoise.rl import train
-    from hwnoise.rl.callbacks import read_evals
+class _Budget:
+    """The time budget (--train-budget-min): parts check it before they start; training stops at the
+    next step once it is spent, saving a checkpoint that a rerun resumes."""
 
-    configs = train_configs(args, out)
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class StopOnBudget(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if budget.spent():
+                    control.should_training_stop = True
+                    control.should_save = True
+
+        return StopOnBudget()
+
+
+def _run_done(run_dir: Path) -> bool:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return state.get("status") == "finished" and state.get("steps") == state.get("max_steps")
+
+
+def _train_one(config, budget: _Budget, log) -> dict | None:
+    """Train (or continue) one run; None when the budget stopped it before its last step."""
+    from hwnoise.rl import train
+    from hwnoise.rl.run import latest_checkpoint
+
+    run_dir = Path(config.run_dir)
+    if not _run_done(run_dir):
+        if budget.spent():
+            return None
+        resume = "latest" if latest_checkpoint(run_dir) else None
+        log(f"F5: training {run_dir.name}" + (" (resuming)" if resume else ""))
+        train(config, resume=resume, callbacks=[budget.callback()])
+        if not _run_done(run_dir):
+            return None
+    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def _end_model(config):
+    """The trained model at the run's last checkpoint (LoRA merged), on the run's device."""
+    from hwnoise.models import load
+    from hwnoise.rl.run import latest_checkpoint
+
+    ckpt = latest_checkpoint(config.run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{config.run_dir}: no checkpoint-N to evaluate (logging.save_steps is 0?)")
+    device = config.resolved_device()
+    if config.finetune == "lora":
+        from peft import PeftModel
+
+        model, tok = load(config.model, device=device)
+        model = PeftModel.from_pretrained(model, ckpt).merge_and_unload()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        _, tok = load(config.model, device=device)
+        model = AutoModelForCausalLM.from_pretrained(ckpt).to(device)
+    model.eval()
+    return model, tok
+
+
+def _evaluate_settings(model, tok, config, out_dir: Path, settings: list[str], log) -> dict:
+    """hn.evaluate on the run's held-out problems under each setting; records in out_dir (resumable)."""
+    import hwnoise as hn
+    from hwnoise.data import load_problems
+
+    problems = load_problems(config.data.eval)[: config.data.n_eval]
+    log(f"F5: evaluating {out_dir.name} ({', '.join(settings)}; n={len(problems)})")
+    hn.evaluate(model, tok, problems, settings, batch_size=config.eval.batch_size,
+                max_new_tokens=config.eval.max_new_tokens, seed=0, metric=TRAIN_METRIC, out=out_dir,
+                model_name=str(config.model), data_name=config.data.eval)
+    return _correct_by_setting(out_dir)
+
+
+def _correct_by_setting(out_dir: Path) -> dict[str, list[bool]]:
+    """Per setting spec: per held-out problem (sorted by id), correct under the strict metric."""
+    from hwnoise.eval.core import read_records
+
+    records = read_records(out_dir / "records.jsonl")
+    specs = sorted({k[0] for k in records})
+    return {s: [records[k][f"correct_{TRAIN_METRIC}"] for k in sorted(k for k in records if k[0] == s)]
+            for s in specs}
+
+
+def _cached_eval(out_dir: Path, settings: list[str], make_model, config, log) -> dict:
+    done = out_dir / "run.json"
+    if done.is_file():
+        got = _correct_by_setting(out_dir)
+        if all(s in got and len(got[s]) == config.data.n_eval for s in settings):
+            return got
+    model, tok = make_model()
+    return _evaluate_settings(model, tok, config, out_dir, settings, log)
+
+
+def _paired(name: str, ref: list[bool], other: list[bool]) -> dict:
+    """other - ref in points, paired (bootstrap 95 %, exact McNemar, hwnoise.eval's n_needed)."""
+    from hwnoise.eval.stats import compare, wilson_interval
+
+    c = compare(name, ref, other, metric=TRAIN_METRIC)
+    k = int(np.sum(other))
+    return {"ref_accuracy": c.clean_accuracy, "accuracy": c.accuracy, "difference": -c.drop,
+            "ci": [-c.drop_ci[1], -c.drop_ci[0]], "mcnemar_p": c.mcnemar_p, "gained": c.c, "lost": c.b,
+            "n": c.n, "n_needed": c.n_needed, "class": c.robustness,
+            "wilson_ci": list(wilson_interval(k, len(other)))}
+
+
+def _verdict(p: dict, claim_sign: int = 1) -> str:
+    low, high = p["ci"]
+    if p["mcnemar_p"] < ALPHA and (low > 0 if claim_sign > 0 else high < 0):
+        return "as claimed"
+    if p["mcnemar_p"] < ALPHA and (high < 0 if claim_sign > 0 else low > 0):
+        return "opposite"
+    need = f"; n_needed {p['n_needed']}" if p.get("n_needed") else ""
+    return f"inconclusive (n={p['n']}{need})"
+
+
+def curves_of(state: dict) -> dict:
+    """TRAIN_CURVES (and every rollout/, training/, aqn/ key: what the condition applied) from the log
+    history hwnoise.rl.train keeps in run.json, as {key: [[step, value], ...]}."""
+    out: dict = {}
+    for h in state.get("log_history", []):
+        for key, value in h.items():
+            if (key in TRAIN_CURVES or key.startswith(APPLIED_PREFIXES)) and isinstance(value, (int, float)):
+                out.setdefault(key, []).append([int(h.get("step", 0)), float(value)])
+    return out
+
+
+def run_train(args, out: Path, log) -> dict:
+    """The F5 recipe: pilot stage (a learning rate), the runs, the evaluations, the comparisons.
+    Every part writes its own result; a rerun skips what is done. Returns train.json's content."""
     t0 = time.perf_counter()
+    budget = _Budget(args.train_budget_min)
+    m = train_settings(args)
+    data = {"schema_version": SCHEMA_VERSION, "model": str(args.model), "device": args.device,
+            "mode": train_mode(args), "engine": args.train_engine, "finetune": args.train_finetune,
+            "settings": m, "train_data": f"{TRAIN_DATA} (train stream), zero-shot + {TRAIN_SUFFIX.strip()!r}",
+            "eval_data": f"{TRAIN_DATA} (test stream, training questions dropped)", "metric": TRAIN_METRIC,
+            "format_bonus": TRAIN_FORMAT_BONUS, "temperature": TRAIN_TEMPERATURE, "conditions": CONDITIONS,
+            "aqn": AQN_EPOCH_AWARE, "argv": sys.argv[1:], "environment": environment(args), "claim": CLAIMS["F5"],
+            "incomplete": []}
+    configs = train_configs(args, out)  # every run's config is checked before the first model loads
+    # -- the start (the same bundled model for every run), clean and under each condition
+    ref = configs[0][1]
+    conditions = sorted({RUN_CONDITION[n] for n, _ in configs if RUN_CONDITION[n]})
+    settings = ["clean"] + [EVAL_SETTINGS[c] for c in conditions]
+
+    def base_model():
+        from hwnoise.models import load
+
+        model, tok = load(ref.model, device=ref.resolved_device())
+        model.eval()
+        return model, tok
+
+    eval_root = out / "train" / "evals"
+    start = _cached_eval(eval_root / "start", settings, base_model, ref, log)
+    data["start"] = {s: 100.0 * float(np.mean(v)) for s, v in start.items()}
+    # -- pilot stage: the learning rate at which the baseline learns (skipped when --train-lr is given)
+    lr = args.train_lr
+    data["pilot"] = []
+    if lr is None:
+        for plr, pconf in pilot_configs(args, out):
+            t = time.perf_counter()
+            state = _train_one(pconf, budget, log)
+            if state is None:
+                data["incomplete"].append(f"pilot-lr{plr:g}")
+                continue
+            end = _cached_eval(Path(pconf.run_dir) / "end-eval", ["clean"], lambda c=pconf: _end_model(c), pconf, log)
+            p = _paired(f"pilot-lr{plr:g}", start["clean"], end["clean"])
+            rew = [v for _, v in curves_of(state).get("reward", [])]
+            half = max(1, len(rew) // 2)
+            data["pilot"].append({"lr": plr, "steps": state["steps"], "learning": p,
+                                  "reward_first_half": float(np.mean(rew[:half])) if rew else None,
+                                  "reward_second_half": float(np.mean(rew[half:])) if rew[half:] else None,
+                                  "train_seconds": state.get("seconds"), "wall_seconds": time.perf_counter() - t})
+        if data["pilot"]:
+            best = max(data["pilot"], key=lambda r: (r["learning"]["difference"],
+                                                     (r["reward_second_half"] or 0) - (r["reward_first_half"] or 0)))
+            lr = best["lr"]
+    data["learning_rate"] = lr or TRAIN_LR
+    if lr is not None and lr != (args.train_lr or TRAIN_LR):
+        configs = train_configs(args, out, lr=lr)
+    # -- the runs, each evaluated at its end clean and under every condition
     runs, finals = [], {}
     for name, config in configs:
-        log(f"F5: training {name} ({config.epochs} epochs)")
-        t = time.perf_counter()
-        run_dir = Path(config.run_dir)
-        reused = (run_dir / "run.json").is_file() and json.loads((run_dir / "run.json").read_text()).get("status") == "finished"
-        if not reused:
-            train(config)
-        seconds = time.perf_counter() - t
-        evals = read_evals(run_dir)
-        state = json.loads((run_dir / "run.json").read_text())
-        curve = _reward_curve(state)
-        if reused:  # the wall time of the training that made it (TRL's train_runtime: steps and evaluations)
-            seconds = next((float(h["train_runtime"]) for h in state.get("log_history", []) if "train_runtime" in h),
-                           float("nan"))
-        per_epoch = max(1, len(curve) // config.epochs)
-        step_times = _log_curve(state, "step_time")
-
-        def summary(ev):
-            rep = ev["report"]
-            s = rep["settings"][0]
-            return {"step": ev["step"], "accuracy": s["accuracy"][TRAIN_METRIC], "n": s["n"],
-                    "wilson_ci": s["wilson_ci"][TRAIN_METRIC]}
-
-        steps = state.get("steps") or 1
-        runs.append({"name": name, "config": config.to_dict(), "evals": [summary(e) for e in evals],
-                     "eval_start": summary(evals[0]) if evals else None,
-                     "eval_end": summary(evals[-1]) if evals else None, "reward_curve": curve,
-                     "learning": _learning(run_dir, evals), "steps": steps,
-                     "reward_by_epoch": [float(np.mean(curve[i:i + per_epoch])) for i in range(0, len(curve), per_epoch)],
-                     "step_time_mean": float(np.mean(step_times)) if step_times else None,
-                     "curves": {k: _log_curve(state, k) for k in TRAIN_CURVES},
-                     "seconds": seconds, "seconds_per_step": seconds / max(1, steps)})
-        finals[name] = _final_correct(run_dir, evals)
-    comparisons = []
-    names = [n for n, _ in configs]
-    pairs = [(a, b) for a, b in ((TRAIN_RUNS[1], TRAIN_RUNS[0]), (TRAIN_RUNS[2], TRAIN_RUNS[1])) if a in names and b in names]
-    for a, b in pairs:
-        if finals.get(a) is not None and finals.get(b) is not None and len(finals[a]) == len(finals[b]):
-            c = compare(a, finals[b], finals[a], metric=TRAIN_METRIC)
-            comparisons.append({"a": a, "b": b, "difference": -c.drop, "ci": [-c.drop_ci[1], -c.drop_ci[0]],
-                                "mcnemar_p": c.mcnemar_p})
-    m = TRAIN_MODES[args.mode]
-    a0 = configs[0][1].algorithm
-    return {"schema_version": SCHEMA_VERSION, "model": str(args.model), "device": args.device,
-            "steps": runs[0]["evals"][-1]["step"] if runs and runs[0]["evals"] else None, "mode": args.mode,
-            "train_data": f"{TRAIN_DATA} (train stream), {TRAIN_SHOTS} worked examples",
-            "eval_data": f"{TRAIN_DATA} (test stream), the same examples", "n_eval": m["n_eval"],
-            "n_train": configs[0][1].data.n_train, "epochs": configs[0][1].epochs, "metric": TRAIN_METRIC,
-            "prompts_per_step": m["prompts_per_step"], "max_completion_length": a0.max_completion_length,
-            "temperature": a0.temperature,
-            "eval_max_new_tokens": m["eval_max_new_tokens"], "argv": sys.argv[1:],
-            "num_generations": m["group"], "learning_rate": a0.learning_rate, "runs": runs, "comparisons": comparisons,
-            # the runs' own wall times: a finished run that is reused counts with the time it took
-            "wall_seconds": sum(r["seconds"] for r in runs), "assembly_seconds": time.perf_counter() - t0,
-            "environment": environment(args), "claim": CLAIMS["F5"]}
+        state = _train_one(config, budget, log)
+        if state is None:
+            data["incomplete"].append(name)
+            continue
+        end = _cached_eval(Path(config.run_dir) / "end-eval", settings, lambda c=config: _end_model(c), config, log)
+        finals[name] = end
+        cond = RUN_CONDITION[name]
+        run = {"name": name, "condition": cond, "emulation": {"rollout": config.emulation.rollout,
+                                                               "training": config.emulation.training},
+               "aqn": config.aqn.enabled and {"schedule": config.aqn.schedule, "sigma_start": config.aqn.sigma_start,
+                                              "sigma_end": config.aqn.sigma_end, "targets": list(config.aqn.targets)},
+               "steps": state["steps"], "train_seconds": state.get("seconds"),
+               "seconds_per_step": (state.get("seconds") or 0) / max(1, state["steps"]),
+               "curves": curves_of(state),
+               "end": {s: 100.0 * float(np.mean(v)) for s, v in end.items()},
+               "learning": _paired(name, start["clean"], end["clean"])}
+        if cond:
+            spec = EVAL_SETTINGS[cond]
+            run["learning_under_condition"] = _paired(name, start[spec], end[spec])
+        runs.append(run)
+    data["runs"] = runs
+    # -- for each condition: under it, baseline-trained vs condition-trained vs condition + AQN
+    comps = []
+    for cond in conditions:
+        spec = EVAL_SETTINGS[cond]
+        for evaluated in ("clean", spec):
+            for a, b in (("baseline", cond), (cond, f"{cond}+aqn"), ("baseline", f"{cond}+aqn")):
+                if a in finals and b in finals:
+                    p = _paired(f"{b} vs {a}", finals[a][evaluated], finals[b][evaluated])
+                    comps.append({"condition": cond, "evaluated": evaluated, "a": a, "b": b, **p,
+                                  "verdict": _verdict(p)})
+    data["comparisons"] = comps
+    data["verdict"] = _f5_verdict(data)
+    data["wall_seconds"] = time.perf_counter() - t0
+    return data
 
 
-def _reward_curve(state: dict) -> list[float]:
-    """Mean reward per logged step, from the log history hwnoise.rl.train keeps in run.json."""
-    return [float(h["reward"]) for h in state.get("log_history", []) if "reward" in h]
+def _f5_verdict(data: dict) -> dict:
+    """Plain verdicts: does the baseline learn; for each condition, does AQN recover (cond+aqn vs cond,
+    evaluated under the condition)."""
+    out = {}
+    base = next((r for r in data.get("runs", []) if r["name"] == "baseline"), None)
+    out["baseline_learns"] = _verdict(base["learning"]) if base else "not run"
+    for c in data.get("comparisons", []):
+        if c["evaluated"] != "clean" and c["a"] == c["condition"] and c["b"] == f"{c['condition']}+aqn":
+            out[f"aqn_recovers_{c['condition']}"] = c["verdict"]
+    if data.get("incomplete"):
+        out["incomplete"] = ", ".join(data["incomplete"])
+    return out
 
 
-def _correct_at(run_dir: Path, step: int) -> list[bool]:
-    """Per held-out problem (sorted by id: the same problems at every evaluation and in every run),
-    correct at the evaluation of ``step``."""
-    from hwnoise.eval.core import read_records
-    from hwnoise.rl.callbacks import eval_dir
-
-    records = read_records(eval_dir(run_dir, step) / "records.jsonl")
-    return [records[k][f"correct_{TRAIN_METRIC}"] for k in sorted(k for k in records if k[0] == "clean")]
+def _pts(p: dict) -> str:
+    return f"{p['difference']:+.1f} {_ci(p['ci'], '{:+.1f}')}, p {_p(p['mcnemar_p'])} ({p['gained']} / {p['lost']})"
 
 
-def _final_correct(run_dir: Path, evals) -> list[bool] | None:
-    """Per held-out problem, correct at the last evaluation (None: no evaluation)."""
-    return _correct_at(run_dir, evals[-1]["step"]) if evals else None
+def render_train_markdown(data: dict) -> str:
+    """train.md: the pilot, the runs, the paired comparisons and verdicts, from train.json alone."""
+    m = data["settings"]
+    lines = [f"<!-- generated by benchmarks/findings.py --train from {TRAIN_JSON_FILE} -->", "",
+             f"Model `{data['model']}`, device {data['device']}, mode {data['mode']}, rollouts {data['engine']}, "
+             f"{data['finetune']} (LoRA r {m['lora_rank']}); train {data['train_data']} "
+             f"({m['steps_per_epoch'] * m['prompts_per_step']} problems × {m['epochs']} epochs, "
+             f"{m['prompts_per_step']} prompts × {m['group']} completions × {m['max_completion_length']} tokens per "
+             f"step); held-out {data['eval_data']} (n={m['n_eval']}, {data['metric']}, greedy, "
+             f"{m['eval_max_new_tokens']} tokens); reward {data['metric']} + {data['format_bonus']:g} format bonus, "
+             f"temperature {data['temperature']:g}, LR {data['learning_rate']:g}; wall {data['wall_seconds'] / 60:.1f} min.",
+             "", "Start (the same model for every run): " + ", ".join(f"{k} {v:.1f} %" for k, v in data["start"].items()) + "."]
+    if data.get("pilot"):
+        lines += ["", "Pilot (baseline, short runs; the LR with the largest held-out gain is used):", "",
+                  "| LR | steps | held-out % start → end, Δ pts [95 %], McNemar p (gained / lost) | reward 1st → 2nd half | wall min |",
+                  "|---|---|---|---|---|"]
+        for r in data["pilot"]:
+            p = r["learning"]
+            rw = (f"{r['reward_first_half']:.3f} → {r['reward_second_half']:.3f}"
+                  if r["reward_second_half"] is not None else "—")
+            lines.append(f"| {r['lr']:g} | {r['steps']} | {p['ref_accuracy']:.1f} → {p['accuracy']:.1f}, {_pts(p)} | "
+                         f"{rw} | {r['wall_seconds'] / 60:.1f} |")
+    if data.get("runs"):
+        specs = list(data["start"])
+        lines += ["", "| run | steps | s/step | " + " | ".join(f"end, {s} %" for s in specs)
+                  + " | learning (clean end − start) | under its condition |",
+                  "|---|---|---|" + "---|" * len(specs) + "---|---|"]
+        for r in data["runs"]:
+            uc = _pts(r["learning_under_condition"]) if r.get("learning_under_condition") else "—"
+            lines.append(f"| {r['name']} | {r['steps']} | {r['seconds_per_step']:.0f} | "
+                         + " | ".join(f"{r['end'].get(s, float('nan')):.1f}" for s in specs)
+                         + f" | {_pts(r['learning'])} | {uc} |")
+    if data.get("comparisons"):
+        lines += ["", "Paired at the end (b − a, points; same held-out problems):", "",
+                  "| condition | evaluated | a | b | a % → b % | b − a [95 %], McNemar p (gained / lost) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in data["comparisons"]:
+            lines.append(f"| {c['condition']} | {c['evaluated']} | {c['a']} | {c['b']} | {c['ref_accuracy']:.1f} → "
+                         f"{c['accuracy']:.1f} | {_pts(c)} | {c['verdict']} |")
+    lines += ["", "Verdicts: " + "; ".join(f"{k}: {v}" for k, v in data.get("verdict", {}).items()) + "."]
+    return "\n".join(lines) + "\n"
 
 
-def _learning(run_dir: Path, evals) -> dict | None:
-    """Held-out accuracy after training vs before (step 0), paired on the same problems."""
-    from hwnoise.eval.stats import compare
+def render_train_plot(data: dict, out: Path) -> list[str]:
+    """train.json's learning curves: reward, held-out accuracy, AQN sigma, rollout-training log-prob difference."""
+    import matplotlib
 
-    if len(evals) < 2 or evals[0]["step"] != 0:
-        return None
-    before, after = _correct_at(run_dir, 0), _correct_at(run_dir, evals[-1]["step"])
-    c = compare("after", before, after, metric=TRAIN_METRIC)
-    return {"before": 100.0 * float(np.mean(before)), "after": 100.0 * float(np.mean(after)), "n": len(before),
-            "difference": -c.drop, "ci": [-c.drop_ci[1], -c.drop_ci[0]], "mcnemar_p": c.mcnemar_p,
-            "gained": c.c, "lost": c.b}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def _log_curve(state: dict, key: str) -> list[float]:
-    """One logged quantity per step (those steps that logged it), from run.json's log history."""
-    return [float(h[key]) for h in state.get("log_history", []) if key in h]
-
+    runs = data.get("runs") or []
+    if not runs:
+        return []
+    panels = (("reward", "mean reward per step"), ("eval/accuracy_strict", "held-out accuracy % (strict)"),
+              ("aqn/sigma", "AQN sigma"), ("sampling/sampling_logp_difference/mean", "rollout − training log-prob diff"))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        drawn = False
+        for r in runs:
+            pts = r["curves"].get(key) or []
+            if key == "eval/accuracy_strict":
+                pts = [[0, data["start"]["clean"]]] + pts
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, label=r["name"])
+                drawn = True
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged\n(HF rollouts / no AQN)", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"F5 ({data['device']}, {data['mode']}, {data['engine']} rollouts)")
+    fig.tight_layout()
+    return [_save(fig, out / "f5_curves.png")]
 
 # --------------------------------------------------------------------------------------------------
 # Main

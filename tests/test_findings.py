@@ -47,109 +47,7 @@ def test_modes_set_the_problem_count():
     assert findings.parse_args(["--out", "x", "--n", "7", "--only", "f3"]).only == ("F3",)
 
 
-def test_train_triple_differs_only_in_noise_and_aqn(tmp_path):
-    """F5's three runs: the same data, steps and optimiser; noise in the second and third, AQN in the third."""
-    args = findings.parse_args(["--out", str(tmp_path), "--train", "--quick"])
-    (n0, base), (n1, noise), (n2, aqn) = findings.train_configs(args, tmp_path)
-    assert (n0, n1, n2) == findings.TRAIN_RUNS
-    assert base.emulation == type(base.emulation)() and not base.aqn.enabled  # no emulation at all
-    if hasattr(noise.emulation, "rollout"):  # one spec per phase
-        assert noise.emulation.rollout == noise.emulation.training == "relative:0.05@ops"
-    else:  # the earlier field-by-field keys
-        assert noise.emulation.noise == "relative" and noise.emulation.noise_scale == findings.TRAIN_NOISE
-        assert noise.emulation.noise_phase == "both"
-    assert not noise.aqn.enabled
-    assert aqn.aqn.enabled and aqn.aqn.schedule == "epoch_aware" and aqn.emulation == noise.emulation
-    for c in (noise, aqn):
-        assert c.data == base.data and c.algorithm == base.algorithm and c.epochs == base.epochs == 2
-    assert len({c.run_dir for c in (base, noise, aqn)}) == 3
-    full = findings.parse_args(["--out", str(tmp_path), "--train", "--train-steps", "40"])  # validated on cpu here
-    assert findings.train_configs(full, tmp_path)[0][1].data.n_train == 20 * findings.TRAIN_MODES["full"]["prompts_per_step"]
-
-
-def test_train_prompts_are_few_shot_from_the_train_stream_and_held_out_from_the_test_stream(tmp_path):
-    """F5's problem files: every question carries the same worked examples (the train stream's first
-    problems); training takes the train stream after them, the held-out file the test stream; no overlap."""
-    from hwnoise.data import load_problems
-
-    info = findings.write_train_problems(tmp_path, "arith:level=1", n_train=6, n_eval=5, shots=2)
-    train, held = load_problems(info["train"]), load_problems(info["eval"])
-    stream = load_problems("arith:level=1", n=8, split="train")
-    test = load_problems("arith:level=1", n=5)
-    assert info["example_ids"] == [p.id for p in stream[:2]] and info["train_ids"] == [p.id for p in stream[2:]]
-    assert info["eval_ids"] == [p.id for p in test]
-    prefix = "".join(f"Question: {e.question}\nAnswer: {findings._strip_calculator(e.answer)}\n\n" for e in stream[:2])
-    for p, src in zip(train, stream[2:]):
-        assert p.question == prefix + "Question: " + src.question and p.gold == src.gold and p.answer == src.answer
-    for p, src in zip(held, test):
-        assert p.question == prefix + "Question: " + src.question and p.gold == src.gold
-    assert "<<" not in prefix and prefix.count("#### ") == 2
-    bare = {p.question for p in test}
-    assert not bare & {p.question for p in stream}  # no held-out question among examples or training problems
-    assert len(train) == 6 and len(held) == 5
-    zero = findings.write_train_problems(tmp_path / "zero", "arith:level=1", n_train=2, n_eval=2, shots=0)
-    assert [p.question for p in load_problems(zero["train"])] == [p.question for p in stream[:2]]
-
-
-def test_train_problem_files_refuse_too_few_unseen_held_out_questions(tmp_path, monkeypatch):
-    from hwnoise import data
-
-    same = data.load_problems("arith:level=1", n=4)
-    monkeypatch.setattr(data, "load_problems", lambda spec, n=None, split="test", **kw: same[:n])
-    with pytest.raises(ValueError, match="only 1 of the test stream's first 4 questions are not also in the train"):
-        findings.write_train_problems(tmp_path, "arith:level=1", n_train=2, n_eval=2, shots=1)
-
-
-def test_held_out_questions_seen_in_training_are_dropped(tmp_path):
-    from hwnoise.data import load_problems
-
-    info = findings.write_train_problems(tmp_path, "arith:level=1", n_train=160, n_eval=200, shots=2)  # full mode
-    seen = {p.question for p in load_problems("arith:level=1", n=162, split="train")}
-    test = {p.id: p.question for p in load_problems("arith:level=1", n=416)}
-    assert len(info["eval_ids"]) == 200 and not {test[i] for i in info["eval_ids"]} & seen
-    assert info["eval_dropped_as_seen"] >= 1  # this generator does repeat questions across its streams
-
-
-def test_train_configs_use_the_few_shot_files_the_runs_and_the_lr_asked_for(tmp_path):
-    args = findings.parse_args(["--out", str(tmp_path), "--train", "--quick", "--train-runs", "baseline",
-                                "--train-lr", "3e-5"])
-    [(name, config)] = findings.train_configs(args, tmp_path)
-    assert name == "baseline" and config.algorithm.learning_rate == 3e-5
-    assert config.data.train.endswith(findings.TRAIN_FILE) and config.data.eval.endswith(findings.TRAIN_EVAL_FILE)
-    assert config.reward.mode == findings.TRAIN_METRIC == "strict"
-    assert Path(config.data.train).read_text().count("\n") == config.data.n_train
-    default = findings.parse_args(["--out", str(tmp_path), "--train", "--quick"])
-    assert findings.train_configs(default, tmp_path)[0][1].algorithm.learning_rate == findings.TRAIN_LR
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--train-runs", "baseline,aqn"], "--train-runs: expected a subset of baseline,noise-5%,"),
-    (["--train-lr", "0"], "--train-lr must be > 0; got 0"),
-])
-def test_bad_train_arguments_are_refused(argv, needle, capsys):
-    with pytest.raises(SystemExit):
-        findings.parse_args(["--out", "x", "--train"] + argv)
-    assert needle in capsys.readouterr().err
-
-
-def test_train_views_come_from_train_json_alone(tmp_path):
-    run = {"name": "baseline", "steps": 3, "seconds_per_step": 90.0,
-           "evals": [{"step": 0, "accuracy": 25.0, "n": 4, "wilson_ci": [4.6, 70.0]},
-                     {"step": 3, "accuracy": 75.0, "n": 4, "wilson_ci": [30.0, 95.4]}],
-           "eval_end": {"step": 3, "accuracy": 75.0, "n": 4, "wilson_ci": [30.0, 95.4]},
-           "learning": {"before": 25.0, "after": 75.0, "n": 4, "difference": 50.0, "ci": [0.0, 100.0],
-                        "mcnemar_p": 0.5, "gained": 2, "lost": 0},
-           "curves": {"reward": [0.1, 0.4, 0.7], "frac_reward_zero_std": [1.0, 0.5, 0.0]},
-           "reward_by_epoch": [0.25, 0.7], "step_time_mean": 80.0}
-    data = {"model": "m", "device": "cpu", "mode": "quick", "train_data": "t", "eval_data": "e", "n_eval": 4,
-            "num_generations": 4, "learning_rate": 2e-5, "wall_seconds": 300.0, "runs": [run], "comparisons": []}
-    findings.write_json(tmp_path / findings.TRAIN_JSON_FILE, data)
-    assert findings.main(["--out", str(tmp_path), "--render-only"]) == 0
-    md = (tmp_path / "train.md").read_text()
-    assert "| baseline | 3 | 25.0 → 75.0 [30.0, 95.4] | +50.0 [+0.0, +100.0], p 0.5 (2 / 0) | 90 (training step alone 80) |" in md
-    assert "| baseline | frac_reward_zero_std | 1.00 0.50 0.00 |" in md
-    assert "per epoch (the same training problems each epoch): 0.250 → 0.700" in md
-    assert (tmp_path / "f5_reward.png").stat().st_size > 1000
+# F5 (--train): tests/test_findings_train.py
 
 
 # -- statistics and verdicts -------------------------------------------------------------------
@@ -293,11 +191,11 @@ def test_render_only_without_json_fails_clearly(tmp_path, capsys):
 
 def test_rerun_resumes_from_the_records(measured, monkeypatch):
     """A second run over the same directory regenerates nothing: every batch is recorded."""
-    import hwnoise.eval.core as core
+    import hwnoise.engines.hf as hf  # the HF evaluation engine's generation call
 
     out, data, _ = measured
     calls = []
-    monkeypatch.setattr(core, "generate_greedy", lambda *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(hf, "generate_greedy", lambda *a, **k: calls.append(1) or [])
     args = findings.parse_args(["--out", str(out), "--n", "3", "--max-new-tokens", "3", "--batch-size", "2",
                                 "--shots", "1", "--model", "tiny"])
     again = findings.evaluate_runs(tiny_model(), char_tokenizer(), args, out, log=lambda msg: None)
