@@ -24,9 +24,18 @@ overrides below, the first one not worked around is where the run stops):
    (vllm/platforms/__init__.py:18-33): VLLM_TARGET_DEVICE=cpu, else vLLM loads AVX512 kernels.
 9. worked around: vLLM's CPU platform has no sleep mode, verl enables it by default
    (rollout.enable_sleep_mode; vllm_async_server.py:337): "Sleep mode is not supported".
-With these, the FSDP2 actor initializes on gloo (real verl ActorRolloutRefWorker, FSDP engine)
-and verl's vLLMHttpServer starts building the vLLM CPU engine; the issue-23 report says where
-the last run stopped.
+With these (run 2026-12-04 02:23 UTC), the FSDP2 actor initializes on gloo (verl's real
+ActorRolloutRefWorker and FSDP engine, operator noise on), verl's vLLMHttpServer builds a real vLLM
+CPU engine with HwnoiseWorkerExtension, and the first weight sync goes from verl's ServerAdapter
+(HwnoiseServerAdapter, MXFP4 stream) over shared memory into
+HwnoiseWorkerExtension.update_weights_from_ipc (vllm_ext.py) -> verl's
+vLLMColocateWorkerExtension.update_weights_from_ipc (verl/workers/rollout/vllm_rollout/utils.py:326)
+-> _update_weights -> model.load_weights -> vllm/model_executor/layers/linear.py:1341, where it
+STOPS: the CPU backend has repacked the linear weights into oneDNN handles after loading (the
+Parameter is left empty), so a plain load_weights cannot write them; the worker then fails with
+"cannot close exported pointers exist" (the shared-memory bucket still mapped). Making it pass
+needs the sync to go through vLLM's layerwise reload (initialize_layerwise_reload /
+finalize_layerwise_reload, as hwnoise.engines.vllm_emulation does) in verl's _update_weights on CPU.
 The test is a strict xfail: when verl runs through, it fails as "XPASS" and becomes the CI
 end-to-end test by removing the mark. Marked slow (several minutes on 2 cores).
 """
