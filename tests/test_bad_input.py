@@ -72,18 +72,6 @@ def no_trainer(monkeypatch):
     monkeypatch.setattr(hwnoise.rl.run, "build_trainer", refuse)
 
 
-@pytest.fixture
-def real_trl(monkeypatch):
-    """tests/vllm (a folder without __init__.py) is a namespace package named ``vllm`` while tests/ is
-    on sys.path, and TRL then reads vLLM's version as 'N/A' and fails to import its GRPO trainer:
-    train without tests/ on the path (the test helpers are imported already)."""
-    import importlib
-
-    here = Path(__file__).resolve().parent
-    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if Path(p or ".").resolve() != here])
-    importlib.invalidate_caches()
-
-
 def files_of(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -153,7 +141,7 @@ def test_item1_resume_of_a_directory_that_is_not_a_checkpoint_is_refused_before_
 # -- item 2: train --out replaces nothing of the user's; the closing line names what was written ----
 
 
-def test_item2_train_keeps_a_users_readme_and_lists_only_what_it_wrote(tmp_path, model_dir, real_trl):
+def test_item2_train_keeps_a_users_readme_and_lists_only_what_it_wrote(tmp_path, model_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "README.md").write_text("my notes about this folder\n")
@@ -213,7 +201,7 @@ def test_item4_eval_refuses_fp32_records_for_an_fp16_rerun(tmp_path, no_generate
                  model_name="tiny")
 
 
-def test_item4_train_resume_refuses_an_edited_plan(tmp_path, model_dir, real_trl):
+def test_item4_train_resume_refuses_an_edited_plan(tmp_path, model_dir):
     plan = plan_file(tmp_path / "plan.json", {"model.layers.0.mlp.down_proj": "mxfp4"})
     run_dir = tmp_path / "run"
     cfg = config_file(tmp_path, model_dir, emulation__rollout=f"weights:{plan}")

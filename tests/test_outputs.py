@@ -53,18 +53,6 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def real_trl(monkeypatch):
-    """tests/vllm is a namespace package named ``vllm`` while tests/ is on sys.path (TRL then fails to
-    import its GRPO trainer): train without tests/ on the path."""
-    import importlib
-    import sys
-
-    here = Path(__file__).resolve().parent
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != here])
-    importlib.invalidate_caches()
-
-
 def state(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -122,7 +110,7 @@ def eval_args(model_dir, *extra):
     return (model_dir, "--n", 2, "--noise", "0,0.1", "--max-new-tokens", 2, "--batch-size", 2, *extra)
 
 
-def test_every_command_in_a_folder_holding_a_finished_run_and_user_files(tmp_path, model_dir, real_trl):
+def test_every_command_in_a_folder_holding_a_finished_run_and_user_files(tmp_path, model_dir):
     folder = tmp_path / "results"
     folder.mkdir()
     fill(folder)
@@ -144,7 +132,7 @@ def test_every_command_in_a_folder_holding_a_finished_run_and_user_files(tmp_pat
     run_in(folder, "formats", model_dir, "--formats", "nvfp4")  # again: replaces its own formats.json only
 
 
-def test_every_command_in_a_folder_holding_an_evaluation_and_user_files(tmp_path, model_dir, real_trl):
+def test_every_command_in_a_folder_holding_an_evaluation_and_user_files(tmp_path, model_dir):
     folder = tmp_path / "results"
     folder.mkdir()
     fill(folder)
