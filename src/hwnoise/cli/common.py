@@ -108,6 +108,26 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _check_settings_before_loading(model: str, specs: list[str], seed: int) -> None:
+    """Every setting against the model's structure (built on the meta device: no weight is read),
+    so that a layer range, exclude or plan that does not fit fails before the load and the clean
+    pass, not after them. A model that cannot be built so is left to the load to report."""
+    from ..eval.core import check_settings
+    from ..models import meta_model
+
+    if all(spec == "clean" for spec in specs):
+        return
+    _quiet_third_party_logs()
+    try:
+        skeleton = meta_model(model)
+    except Exception:  # noqa: BLE001  (a bad model spec: the load names the problem)
+        return
+    try:
+        check_settings(skeleton, specs, seed)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _note(message: str) -> None:
     """A one-line note to the user (plain text: brackets are kept)."""
     from rich.markup import escape

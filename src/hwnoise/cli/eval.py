@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _check_out, _fail, _load_model, _print_wide, _quiet_third_party_logs, app, console, progress_bar
+from .common import _check_out, _check_settings_before_loading, _fail, _load_model, _print_wide, app, console, progress_bar
 
 
 def _numbers(text: str | None, what: str) -> list[float]:
@@ -50,26 +50,6 @@ def settings_from_options(noise: str | None, where: str, error: str, formats: st
         if canonical not in out:
             out.append(canonical)
     return out
-
-
-def _check_settings_before_loading(model: str, specs: list[str], seed: int) -> None:
-    """Every setting against the model's structure (built on the meta device: no weight is read),
-    so that a layer range, exclude or plan that does not fit fails before the load and the clean
-    pass, not after them. A model that cannot be built so is left to the load to report."""
-    from ..eval.core import check_settings
-    from ..models import meta_model
-
-    if all(spec == "clean" for spec in specs):
-        return
-    _quiet_third_party_logs()
-    try:
-        skeleton = meta_model(model)
-    except Exception:  # noqa: BLE001  (a bad model spec: the load names the problem)
-        return
-    try:
-        check_settings(skeleton, specs, seed)
-    except ValueError as exc:
-        _fail(str(exc))
 
 
 def _check_engine_options(engine: str, specs: list[str], device: str, device_map: str) -> None:

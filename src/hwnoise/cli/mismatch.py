@@ -9,26 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import DeviceMapOption, DeviceOption, DtypeOption
-from .common import _check_out, _fail, _load_model, _print_wide, _quiet_third_party_logs, app, console, progress_bar
-
-
-def _check_before_loading(model: str, specs: list[str], seed: int) -> None:
-    """Every setting against the model's structure (meta device, no weight read): a plan or a
-    target that does not fit fails before the load. A model that cannot be built so is left to the load."""
-    from ..eval.core import check_settings
-    from ..models import meta_model
-
-    if all(spec == "clean" for spec in specs):
-        return
-    _quiet_third_party_logs()
-    try:
-        skeleton = meta_model(model)
-    except Exception:  # noqa: BLE001  (a bad model spec: the load names the problem)
-        return
-    try:
-        check_settings(skeleton, specs, seed)
-    except ValueError as exc:
-        _fail(str(exc))
+from .common import _check_out, _check_settings_before_loading, _fail, _load_model, _print_wide, app, console, progress_bar
 
 
 @app.command("mismatch")
@@ -95,7 +76,7 @@ def mismatch_command(
     except ValueError as exc:
         _fail(str(exc))
     _check_out(out)
-    _check_before_loading(model, [s.spec for s in settings] + [train.spec] +
+    _check_settings_before_loading(model, [s.spec for s in settings] + [train.spec] +
                           ([attribute] if attribute else []), seed)
 
     t0 = time.perf_counter()
