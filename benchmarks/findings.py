@@ -26,7 +26,7 @@ hwnoise.data.load_problems, hwnoise.models.load, hwnoise.rl):
   the learning rate; then baseline, ``noise`` (5 % relative operator noise in rollout and training,
   forward and backward), ``mxfp4`` (MXFP4 W4A16 rollouts), each condition also + epoch-aware AQN on the
   RMSNorm weights; every run's end evaluated clean and under every condition, paired (McNemar,
-  bootstrap, n_needed). ``--quick``: 2 steps, 4 problems, 8 tokens (the end-to-end test);
+  bootstrap, n_needed). ``--quick``: 4 steps, 4 problems, 8 tokens (the end-to-end test);
   ``--device cuda``: the GPU sizing; ``--train-budget-min``: a time budget (rerun to continue).
 
 Evaluation runs are resumable (``DIR/runs/*``: hn.evaluate's records.jsonl), so a killed run
@@ -783,30 +783,32 @@ def render(out: Path) -> list[str]:
 # F5: training
 # --------------------------------------------------------------------------------------------------
 
-# Settings by mode. "quick": the end-to-end smoke test (tests/test_findings_train.py): 2 steps, 4 held-out
-# problems, 8 tokens. "cpu": the 2-core recipe. "gpu" (--device cuda): one H200, bundled model or a
+# Settings by mode. "quick": the end-to-end smoke test (tests/test_findings_train.py): 4 steps (2 per
+# epoch: epoch-aware AQN's first stage of each epoch is a sigma-0 warm-up), 4 held-out problems, 8 tokens. "cpu": the 2-core recipe. "gpu" (--device cuda): one H200, bundled model or a
 # Qwen2.5-0.5B/1.5B-class HF directory (--model PATH). Epoch-aware AQN restarts its schedule each epoch,
 # so every mode trains 2 epochs. Why these settings: docs/findings.md, F5 (the pilot table).
 TRAIN_MODES = {
-    "quick": {"prompts_per_step": 1, "group": 2, "steps_per_epoch": 1, "epochs": 2, "n_eval": 4,
+    "quick": {"prompts_per_step": 1, "group": 2, "steps_per_epoch": 2, "epochs": 2, "n_eval": 4,
               "max_completion_length": 8, "eval_max_new_tokens": 8, "eval_every": 0, "eval_batch_size": 4,
               "pilot_lrs": (3e-4,), "pilot_steps": 1, "lora_rank": 8},
-    "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 15, "epochs": 2, "n_eval": 64,
-            "max_completion_length": 24, "eval_max_new_tokens": 24, "eval_every": 10, "eval_batch_size": 16,
-            "pilot_lrs": (1e-4, 3e-4), "pilot_steps": 10, "lora_rank": 16},
+    "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 10, "epochs": 2, "n_eval": 48,
+            "max_completion_length": 32, "eval_max_new_tokens": 32, "eval_every": 10, "eval_batch_size": 16,
+            "pilot_lrs": (1e-4, 3e-4), "pilot_steps": 8, "lora_rank": 16},
     "gpu": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 30, "epochs": 2, "n_eval": 400,
             "max_completion_length": 48, "eval_max_new_tokens": 48, "eval_every": 10, "eval_batch_size": 64,
             "pilot_lrs": (1e-4, 3e-4, 5e-4), "pilot_steps": 20, "lora_rank": 16},
 }
 TRAIN_DATA = "arith:level=1"
 # Zero-shot prompts (the library's chat prompt: its instruction, then the question) with one short line
-# asking for the answer line only: a short prompt keeps the training forward/backward cheap, and the
-# completion budget short (the previous few-shot pilot spent ~100 s a step on 2-shot prompts).
-TRAIN_SUFFIX = "\nReply with only the final line '#### <number>'."
-# Strict '#### N' correctness (1) plus a format bonus for a well-formed answer line: zero-shot, the
-# model rarely writes the line (2/16 at the start), so the format is what GRPO can first learn.
+# on the answer's form: a short prompt keeps the training forward/backward cheap (the earlier 2-shot
+# pilot spent ~100 s a step). Pilot A asked for "only the final line" with a 0.5 format bonus: GRPO
+# learned the format in ~8 steps and then answered with a number copied from the question (held-out
+# 6.25 -> 0 %), so the line now asks for the one-line calculation first and the bonus is small.
+TRAIN_SUFFIX = "\nWrite the calculation in one line, then the line '#### <number>'."
+# Strict '#### N' correctness (1) plus a small bonus for a well-formed answer line (zero-shot the model
+# rarely writes one): correctness dominates, so copying a number is not worth learning.
 TRAIN_METRIC = "strict"
-TRAIN_FORMAT_BONUS = 0.5
+TRAIN_FORMAT_BONUS = 0.2
 TRAIN_TEMPERATURE = 1.0
 TRAIN_LR = 3e-4  # a LoRA learning rate; the pilot stage picks among TRAIN_MODES[mode]["pilot_lrs"]
 TRAIN_NOISE = 0.05
@@ -992,11 +994,28 @@ def _train_one(config, budget: _Budget, log) -> dict | None:
         if budget.spent():
             return None
         resume = "latest" if latest_checkpoint(run_dir) else None
+        if resume is None:
+            _clear_unsaved_run(run_dir)
         log(f"F5: training {run_dir.name}" + (" (resuming)" if resume else ""))
         train(config, resume=resume, callbacks=[budget.callback()])
         if not _run_done(run_dir):
             return None
     return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+def _clear_unsaved_run(run_dir: Path) -> None:
+    """A run stopped before its first checkpoint cannot be resumed, and hwnoise.rl refuses a fresh run
+    over it: remove what that run wrote (only hwnoise train's own outputs, by name) so it starts again."""
+    import shutil
+
+    from hwnoise.rl.run import train_outputs
+
+    for name in train_outputs():
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
 
 
 def _end_model(config):
@@ -1061,8 +1080,8 @@ def _paired(name: str, ref: list[bool], other: list[bool]) -> dict:
 
     c = compare(name, ref, other, metric=TRAIN_METRIC)
     k = int(np.sum(other))
-    return {"ref_accuracy": c.clean_accuracy, "accuracy": c.accuracy, "difference": -c.drop,
-            "ci": [-c.drop_ci[1], -c.drop_ci[0]], "mcnemar_p": c.mcnemar_p, "gained": c.c, "lost": c.b,
+    return {"ref_accuracy": c.clean_accuracy, "accuracy": c.accuracy, "difference": 0.0 - c.drop,  # no -0.0
+            "ci": [0.0 - c.drop_ci[1], 0.0 - c.drop_ci[0]], "mcnemar_p": c.mcnemar_p, "gained": c.c, "lost": c.b,
             "n": c.n, "n_needed": c.n_needed, "class": c.robustness,
             "wilson_ci": list(wilson_interval(k, len(other)))}
 
