@@ -1150,7 +1150,8 @@ def run_train(args, out: Path, log) -> dict:
             p = _paired(f"pilot-lr{plr:g}", start["clean"], end["clean"])
             rew = [v for _, v in curves_of(state).get("reward", [])]
             half = max(1, len(rew) // 2)
-            data["pilot"].append({"lr": plr, "steps": state["steps"], "learning": p,
+            data["pilot"].append({"lr": plr, "name": f"pilot-lr{plr:g}", "steps": state["steps"], "learning": p,
+                                  "curves": curves_of(state),
                                   "reward_first_half": float(np.mean(rew[:half])) if rew else None,
                                   "reward_second_half": float(np.mean(rew[half:])) if rew[half:] else None,
                                   "train_seconds": state.get("seconds"), "wall_seconds": time.perf_counter() - t})
@@ -1229,18 +1230,20 @@ def render_train_markdown(data: dict) -> str:
              f"{m['prompts_per_step']} prompts × {m['group']} completions × {m['max_completion_length']} tokens per "
              f"step); held-out {data['eval_data']} (n={m['n_eval']}, {data['metric']}, greedy, "
              f"{m['eval_max_new_tokens']} tokens); reward {data['metric']} + {data['format_bonus']:g} format bonus, "
-             f"temperature {data['temperature']:g}, LR {data['learning_rate']:g}; wall {data['wall_seconds'] / 60:.1f} min.",
+             f"temperature {data['temperature']:g}, LR {data['learning_rate']:g}; training time "
+             f"{sum((r.get('train_seconds') or 0) for r in data.get('pilot', []) + data.get('runs', [])) / 60:.1f} min "
+             f"(all invocations; this one's wall {data['wall_seconds'] / 60:.1f} min).",
              "", "Start (the same model for every run): " + ", ".join(f"{k} {v:.1f} %" for k, v in data["start"].items()) + "."]
     if data.get("pilot"):
         lines += ["", "Pilot (baseline, short runs; the LR with the largest held-out gain is used):", "",
-                  "| LR | steps | held-out % start → end, Δ pts [95 %], McNemar p (gained / lost) | reward 1st → 2nd half | wall min |",
+                  "| LR | steps | held-out % start → end, Δ pts [95 %], McNemar p (gained / lost) | reward 1st → 2nd half | training min |",
                   "|---|---|---|---|---|"]
         for r in data["pilot"]:
             p = r["learning"]
             rw = (f"{r['reward_first_half']:.3f} → {r['reward_second_half']:.3f}"
                   if r["reward_second_half"] is not None else "—")
             lines.append(f"| {r['lr']:g} | {r['steps']} | {p['ref_accuracy']:.1f} → {p['accuracy']:.1f}, {_pts(p)} | "
-                         f"{rw} | {r['wall_seconds'] / 60:.1f} |")
+                         f"{rw} | {(r.get('train_seconds') or 0) / 60:.1f} |")
     if data.get("runs"):
         specs = list(data["start"])
         lines += ["", "| run | steps | s/step | " + " | ".join(f"end, {s} %" for s in specs)
@@ -1269,7 +1272,7 @@ def render_train_plot(data: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = data.get("runs") or []
+    runs = (data.get("runs") or []) + [r for r in data.get("pilot") or [] if r.get("curves")]
     if not runs:
         return []
     panels = (("reward", "mean reward per step"), ("eval/accuracy_strict", "held-out accuracy % (strict)"),
