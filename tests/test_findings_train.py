@@ -173,3 +173,30 @@ def test_rerun_retrains_and_re_evaluates_nothing(recipe, monkeypatch):
     after = json.loads((out / "train.json").read_text())
     assert after["runs"] == before["runs"] and after["comparisons"] == before["comparisons"]
     assert after["pilot"][0]["learning"] == before["pilot"][0]["learning"]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_the_budget_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """The budget runs out after the first step: the run stops with a checkpoint there, train.json names
+    it incomplete; the same command again continues from that checkpoint to the last step."""
+    calls = []
+
+    def spent(self):  # False when the run is about to start, True at the end of its first step
+        calls.append(1)
+        return len(calls) == 2
+
+    monkeypatch.setattr(findings._Budget, "spent", spent)
+    argv = ["--out", str(tmp_path), "--train", "--quick", "--threads", "1", "--train-runs", "baseline",
+            "--train-lr", "3e-4", "--train-budget-min", "60"]
+    assert findings.main(argv) == 0
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert data["incomplete"] == ["baseline"] and data["runs"] == [] and data["pilot"] == []
+    state = json.loads((tmp_path / "train" / "baseline" / "run.json").read_text())
+    assert (state["steps"], state["max_steps"]) == (1, 4)
+    assert (tmp_path / "train" / "baseline" / "checkpoint-1").is_dir()
+    monkeypatch.setattr(findings._Budget, "spent", lambda self: False)
+    assert findings.main(argv) == 0
+    state = json.loads((tmp_path / "train" / "baseline" / "run.json").read_text())
+    assert state["steps"] == 4 and state["resumed_from"].endswith("checkpoint-1")
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert not data["incomplete"] and [r["name"] for r in data["runs"]] == ["baseline"]
