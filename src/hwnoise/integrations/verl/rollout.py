@@ -33,6 +33,13 @@ __all__ = ["StreamStats", "fake_quantize_stream", "is_stream_linear_weight", "ma
 
 logger = logging.getLogger(__name__)
 
+STREAM_STATS_ATTR = "_hwnoise_stream_stats"  # on the vLLM server actor, read by trainer.engine_call
+
+
+def _store_stream_stats(server, stats: dict) -> None:
+    """Run on verl's vLLM server actor (``__ray_call__``): keep the last sync's stream statistics there."""
+    setattr(server, STREAM_STATS_ATTR, stats)
+
 
 @dataclass
 class StreamStats:

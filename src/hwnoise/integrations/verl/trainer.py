@@ -35,12 +35,12 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from .config import TRAINER_MODE, validate
+from .rollout import STREAM_STATS_ATTR
 
 __all__ = ["HwnoiseTrainer", "engine_call"]
 
 logger = logging.getLogger(__name__)
 
-STREAM_STATS_ATTR = "_hwnoise_stream_stats"  # set on the vLLM server actor by HwnoiseServerAdapter
 
 
 def engine_call(server, method: str | None = None, kwargs: dict | None = None, reset_prefix_cache: bool = False):

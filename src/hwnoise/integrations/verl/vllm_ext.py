@@ -23,6 +23,7 @@ is verl's ``vLLMColocateWorkerExtension`` plus:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -131,6 +132,31 @@ class RolloutNormNoise:
         return noisy.to(dtype)
 
 
+@contextmanager
+def _layerwise_reload(model_runner):
+    """A weight sync into an engine whose backend repacks weights after loading (vLLM's CPU build).
+
+    vLLM's CPU backend packs every linear weight into a oneDNN handle after loading and leaves the
+    Parameter empty, so verl's plain ``model.load_weights`` sync fails there (``linear.py``: cannot
+    load into a parameter of size 0). vLLM's layerwise reload restores each layer's parameters,
+    loads, and runs the layer's post-loading processing again. Other platforms load as verl does.
+    """
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # the tests' fake engines
+        yield
+        return
+    if not current_platform.is_cpu() or getattr(model_runner, "model_config", None) is None:
+        yield  # a GPU build loads in place; a model without vLLM's config is not vLLM's (test fakes)
+        return
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    model = model_runner.model
+    initialize_layerwise_reload(model)
+    yield
+    finalize_layerwise_reload(model, model_runner.model_config)
+
+
 def make_worker_extension(base: type) -> type:
     """``HwnoiseWorkerExtension`` on ``base`` (verl's ``vLLMColocateWorkerExtension`` in production).
 
@@ -155,7 +181,8 @@ def make_worker_extension(base: type) -> type:
         def update_weights_from_ipc(self, *args, **kwargs):
             noise = self._hwnoise()
             self.__dict__["_hwnoise_synced_names"] = set()
-            result = super().update_weights_from_ipc(*args, **kwargs)
+            with _layerwise_reload(self.model_runner):
+                result = super().update_weights_from_ipc(*args, **kwargs)
             model = self.model_runner.model
             fresh = noise.synced(model, self.__dict__["_hwnoise_synced_names"])
             if noise.state is not None:
