@@ -59,6 +59,8 @@ class _CpuDeviceModule:
             return lambda *a, **k: 0
         if name == "mem_get_info":
             return lambda *a, **k: (0, 0)
+        if name == "get_device_name":  # verl's flops counter (utils/flops_counter.py:80); "CPU" as verl names it
+            return lambda *a, **k: "CPU"
         raise AttributeError(f"torch.cpu has no {name!r} (test-only CPU platform)")
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from _verl_models import tiny_llama
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from _verl_models import tiny_llama
 
 import hwnoise as hn
 from hwnoise.integrations.verl.rollout import StreamStats, fake_quantize_stream, make_server_adapter
