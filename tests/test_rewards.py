@@ -315,3 +315,21 @@ def test_reward_errors():
 def test_bad_format_bonus(bonus):
     with pytest.raises(ValueError, match=r"format_bonus must be a finite number >= 0, got"):
         correctness_reward(format_bonus=bonus)
+
+
+def test_bonus_only_if_correct_pays_the_form_only_with_the_right_number():
+    reward = correctness_reward("flexible", format_bonus=0.5, bonus_only_if_correct=True)
+    scores = reward(prompts=["p"] * 5, completions=["#### 18", "So 18.", "#### 17", "7 + 11 = 18\n#### 12",
+                                                    "nothing"], completion_ids=None, gold=["18"] * 5)
+    # '#### 17' earns nothing (a plain format bonus would pay it); the last one is flexible-wrong (12) too.
+    assert scores == [1.5, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"mode": "flexible", "format_bonus": 0.0, "bonus_only_if_correct": True}, "does nothing"),
+    ({"mode": "strict", "format_bonus": 0.5, "bonus_only_if_correct": True}, "only rescales"),
+    ({"mode": "flexible", "format_bonus": 0.5, "bonus_only_if_correct": "yes"}, "true or false"),
+])
+def test_bonus_only_if_correct_refused_where_it_does_nothing(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        correctness_reward(**kwargs)

@@ -150,6 +150,8 @@ def test_defaults_with_steps_are_valid():
     ({"rollout": {"engine": "sglang"}}, "rollout.engine: unknown value 'sglang'; known: hf, vllm"),
     ({"eval": {"settings": ["clean", "rollout"]}}, "no emulation applies in the rollout phase"),
     ({"model": "./no/such/model.gguf"}, "no such model file or directory"),
+    ({"reward": {"bonus_only_if_correct": True}}, "reward.format_bonus is 0: it would do nothing"),
+    ({"reward": {"mode": "strict", "format_bonus": 0.5, "bonus_only_if_correct": True}}, "only rescales the reward"),
 ])
 def test_impossible_configurations_are_refused_by_name(data, message):
     assert message in refused({"steps": 6, **data})

@@ -133,9 +133,12 @@ def is_correct(completion: Completion, gold: str | int, mode: str = "strict") ->
     return a is not None and b is not None and a == b
 
 
-def correctness_reward(mode: str = "strict", format_bonus: float = 0.0) -> Callable[..., list[float]]:
+def correctness_reward(mode: str = "strict", format_bonus: float = 0.0,
+                       bonus_only_if_correct: bool = False) -> Callable[..., list[float]]:
     """A reward function for TRL's ``GRPOTrainer``: 1.0 per correct completion, plus ``format_bonus``
-    for each completion with a strict ``#### N`` answer (correct or not).
+    for each completion with a strict ``#### N`` answer (correct or not; with ``bonus_only_if_correct``,
+    only when that line's number is right: a bonus for the form alone is learned first, and a small model
+    then writes ``#### <a number from the question>``).
 
     The function is named ``correctness_<mode>`` (TRL logs rewards by function name) and is called as
     ``func(prompts=..., completions=..., completion_ids=..., **dataset_columns)``; it reads the
@@ -146,6 +149,14 @@ def correctness_reward(mode: str = "strict", format_bonus: float = 0.0) -> Calla
     if not (is_number and math.isfinite(format_bonus) and format_bonus >= 0):
         raise ValueError(f"format_bonus must be a finite number >= 0, got {format_bonus!r}")
     bonus = float(format_bonus)
+    if not isinstance(bonus_only_if_correct, bool):
+        raise ValueError(f"bonus_only_if_correct must be true or false, got {bonus_only_if_correct!r}")
+    if bonus_only_if_correct and not bonus:
+        raise ValueError("bonus_only_if_correct=True does nothing without a format_bonus > 0")
+    if bonus_only_if_correct and mode == "strict":
+        raise ValueError("bonus_only_if_correct=True with mode 'strict' only rescales the reward (a strict-correct "
+                         "answer always has the '#### N' line); accepted: mode 'flexible', or "
+                         "bonus_only_if_correct=False")
 
     def reward(completions: Sequence[Completion], **columns: Any) -> list[float]:
         golds = columns.get("gold")
@@ -161,7 +172,10 @@ def correctness_reward(mode: str = "strict", format_bonus: float = 0.0) -> Calla
         scores = []
         for completion, gold in zip(completions, golds):
             score = 1.0 if is_correct(completion, gold, mode) else 0.0
-            if bonus and extract_answer(completion, "strict") is not None:
+            if bonus_only_if_correct:
+                if is_correct(completion, gold, "strict"):
+                    score += bonus
+            elif bonus and extract_answer(completion, "strict") is not None:
                 score += bonus
             scores.append(score)
         return scores

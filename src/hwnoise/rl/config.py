@@ -91,6 +91,9 @@ class RewardConfig:
     mode: str = _field("flexible", "Correctness reward: 'strict' (the '#### N' answer line, as lm-eval's gsm8k) "
                        "or 'flexible' (the last number in the completion).", choices=REWARD_MODES)
     format_bonus: float = _field(0.0, "Extra reward for a well-formed '#### N' answer line (0: none).")
+    bonus_only_if_correct: bool = _field(False, "Pay format_bonus only when the '#### N' line's number is right "
+                                         "(with mode 'flexible'): a bonus for the form alone gets learned as "
+                                         "'#### <any number>'.")
 
 
 @dataclass
@@ -359,6 +362,13 @@ class TrainConfig:
             value = self._get(key)
             if not math.isfinite(value) or value < 0:
                 add(f"{key} must be a finite number >= 0; got {value}")
+        if self.reward.bonus_only_if_correct and not (math.isfinite(self.reward.format_bonus)
+                                                      and self.reward.format_bonus > 0):
+            add("reward.bonus_only_if_correct is true but reward.format_bonus is 0: it would do nothing")
+        elif self.reward.bonus_only_if_correct and self.reward.mode == "strict":
+            add("reward.bonus_only_if_correct with reward.mode 'strict' only rescales the reward (a strict-correct "
+                "answer always has its '#### N' line); accepted: reward.mode 'flexible', or "
+                "reward.bonus_only_if_correct false")
         if a.temperature == 0:
             add("algorithm.temperature must be > 0 (GRPO samples several different completions per prompt)")
         generation_batch = a.batch_size * a.gradient_accumulation_steps

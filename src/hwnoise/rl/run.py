@@ -295,7 +295,8 @@ def build_trainer(config: TrainConfig, model=None, tokenizer=None, *, reward_fun
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = HwnoiseGRPOTrainer(
         model=model,
-        reward_funcs=[correctness_reward(config.reward.mode, config.reward.format_bonus), *reward_funcs],
+        reward_funcs=[correctness_reward(config.reward.mode, config.reward.format_bonus,
+                                                   config.reward.bonus_only_if_correct), *reward_funcs],
         args=_grpo_config(config, device, progress=progress, **(grpo_args or {})),
         train_dataset=_dataset(train_problems, tokenizer),
         processing_class=tokenizer,
