@@ -793,7 +793,7 @@ TRAIN_MODES = {
               "pilot_lrs": (3e-4,), "pilot_steps": 1, "lora_rank": 8},
     "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 10, "epochs": 2, "n_eval": 48,
             "max_completion_length": 32, "eval_max_new_tokens": 32, "eval_every": 10, "eval_batch_size": 16,
-            "pilot_lrs": (1e-4, 3e-4), "pilot_steps": 8, "lora_rank": 16},
+            "pilot_lrs": (2e-4, 5e-4), "pilot_steps": 8, "lora_rank": 16},
     "gpu": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 30, "epochs": 2, "n_eval": 400,
             "max_completion_length": 48, "eval_max_new_tokens": 48, "eval_every": 10, "eval_batch_size": 64,
             "pilot_lrs": (1e-4, 3e-4, 5e-4), "pilot_steps": 20, "lora_rank": 16},
@@ -805,11 +805,19 @@ TRAIN_DATA = "arith:level=1"
 # learned the format in ~8 steps and then answered with a number copied from the question (held-out
 # 6.25 -> 0 %), so the line now asks for the one-line calculation first and the bonus is small.
 TRAIN_SUFFIX = "\nWrite the calculation in one line, then the line '#### <number>'."
-# Strict '#### N' correctness (1) plus a small bonus for a well-formed answer line (zero-shot the model
-# rarely writes one): correctness dominates, so copying a number is not worth learning.
+# The held-out metric: strict '#### N' (lm-eval's gsm8k). The reward (pilot C, docs/findings.md): 1 for a right
+# last number (flexible), + 0.5 when it is also the '#### N' line. A bonus for the form alone was learned first
+# in pilots A and B and then paid for '#### <a number copied from the question>'; paid only with the right
+# number it teaches the form without that shortcut, and the flexible part gives a signal where the start
+# model rarely writes the line (greedy, zero-shot: 21 % flexible, 4 % strict on 24 held-out problems).
 TRAIN_METRIC = "strict"
-TRAIN_FORMAT_BONUS = 0.2
-TRAIN_TEMPERATURE = 1.0
+# Also reported (the same greedy completions): the last number of the completion (lm-eval's flexible filter),
+# which moves first when the model learns to compute before it learns the '#### N' line.
+SECOND_METRIC = "flexible"
+TRAIN_REWARD = {"mode": "flexible", "format_bonus": 0.5, "bonus_only_if_correct": True}
+# Sampling temperature of the rollouts: at 1.0 the 135M model's samples are mostly noise (zero-shot, 24 problems
+# x 8 samples: 4 % flexible-right, 0 strict; greedy 21 %), so GRPO's groups rarely hold a right answer.
+TRAIN_TEMPERATURE = 0.5
 TRAIN_LR = 3e-4  # a LoRA learning rate; the pilot stage picks among TRAIN_MODES[mode]["pilot_lrs"]
 TRAIN_NOISE = 0.05
 NOISE_SPEC = f"relative:{TRAIN_NOISE:g}@ops"
@@ -905,7 +913,7 @@ def _base_config(args, m: dict, files: dict, lr: float) -> dict:
                       # off in every run: hwnoise refuses training-phase emulation under checkpointing (the
                       # recomputed forward would run outside the emulation), and the runs must match.
                       "gradient_checkpointing": False},
-        "reward": {"mode": TRAIN_METRIC, "format_bonus": TRAIN_FORMAT_BONUS},
+        "reward": dict(TRAIN_REWARD),
         # at_start off: the start is evaluated once for all runs (train/evals/start); the last step always is.
         "eval": {"at_start": False, "every": m["eval_every"], "max_new_tokens": m["eval_max_new_tokens"],
                  "batch_size": m["eval_batch_size"]},
@@ -1054,13 +1062,13 @@ def _evaluate_settings(model, tok, config, out_dir: Path, settings: list[str], l
     return _correct_by_setting(out_dir)
 
 
-def _correct_by_setting(out_dir: Path) -> dict[str, list[bool]]:
-    """Per setting spec: per held-out problem (sorted by id), correct under the strict metric."""
+def _correct_by_setting(out_dir: Path, metric: str = TRAIN_METRIC) -> dict[str, list[bool]]:
+    """Per setting spec: per held-out problem (sorted by id), correct under ``metric``."""
     from hwnoise.eval.core import read_records
 
     records = read_records(out_dir / "records.jsonl")
     specs = sorted({k[0] for k in records})
-    return {s: [records[k][f"correct_{TRAIN_METRIC}"] for k in sorted(k for k in records if k[0] == s)]
+    return {s: [records[k][f"correct_{metric}"] for k in sorted(k for k in records if k[0] == s)]
             for s in specs}
 
 
@@ -1074,11 +1082,11 @@ def _cached_eval(out_dir: Path, settings: list[str], make_model, config, log) ->
     return _evaluate_settings(model, tok, config, out_dir, settings, log)
 
 
-def _paired(name: str, ref: list[bool], other: list[bool]) -> dict:
+def _paired(name: str, ref: list[bool], other: list[bool], metric: str = TRAIN_METRIC) -> dict:
     """other - ref in points, paired (bootstrap 95 %, exact McNemar, hwnoise.eval's n_needed)."""
     from hwnoise.eval.stats import compare, wilson_interval
 
-    c = compare(name, ref, other, metric=TRAIN_METRIC)
+    c = compare(name, ref, other, metric=metric)
     k = int(np.sum(other))
     return {"ref_accuracy": c.clean_accuracy, "accuracy": c.accuracy, "difference": 0.0 - c.drop,  # no -0.0
             "ci": [0.0 - c.drop_ci[1], 0.0 - c.drop_ci[0]], "mcnemar_p": c.mcnemar_p, "gained": c.c, "lost": c.b,
@@ -1117,7 +1125,7 @@ def run_train(args, out: Path, log) -> dict:
             "mode": train_mode(args), "engine": args.train_engine, "finetune": args.train_finetune,
             "settings": m, "train_data": f"{TRAIN_DATA} (train stream), zero-shot + {TRAIN_SUFFIX.strip()!r}",
             "eval_data": f"{TRAIN_DATA} (test stream, training questions dropped)", "metric": TRAIN_METRIC,
-            "format_bonus": TRAIN_FORMAT_BONUS, "temperature": TRAIN_TEMPERATURE, "conditions": CONDITIONS,
+            "reward": TRAIN_REWARD, "temperature": TRAIN_TEMPERATURE, "conditions": CONDITIONS,
             "aqn": AQN_EPOCH_AWARE, "argv": sys.argv[1:], "environment": environment(args), "claim": CLAIMS["F5"],
             "incomplete": []}
     configs = train_configs(args, out)  # every run's config is checked before the first model loads
@@ -1136,6 +1144,8 @@ def run_train(args, out: Path, log) -> dict:
     eval_root = out / "train" / "evals"
     start = _cached_eval(eval_root / "start", settings, base_model, ref, log)
     data["start"] = {s: 100.0 * float(np.mean(v)) for s, v in start.items()}
+    start2 = _correct_by_setting(eval_root / "start", SECOND_METRIC)
+    data["start_" + SECOND_METRIC] = {s: 100.0 * float(np.mean(v)) for s, v in start2.items()}
     # -- pilot stage: the learning rate at which the baseline learns (skipped when --train-lr is given)
     lr = args.train_lr
     data["pilot"] = []
@@ -1148,22 +1158,26 @@ def run_train(args, out: Path, log) -> dict:
                 continue
             end = _cached_eval(Path(pconf.run_dir) / "end-eval", ["clean"], lambda c=pconf: _end_model(c), pconf, log)
             p = _paired(f"pilot-lr{plr:g}", start["clean"], end["clean"])
+            end2 = _correct_by_setting(Path(pconf.run_dir) / "end-eval", SECOND_METRIC)
+            p2 = _paired(f"pilot-lr{plr:g}", start2["clean"], end2["clean"], SECOND_METRIC)
             rew = [v for _, v in curves_of(state).get("reward", [])]
             half = max(1, len(rew) // 2)
             data["pilot"].append({"lr": plr, "name": f"pilot-lr{plr:g}", "steps": state["steps"], "learning": p,
+                                  "learning_" + SECOND_METRIC: p2,
                                   "curves": curves_of(state),
                                   "reward_first_half": float(np.mean(rew[:half])) if rew else None,
                                   "reward_second_half": float(np.mean(rew[half:])) if rew[half:] else None,
                                   "train_seconds": state.get("seconds"), "wall_seconds": time.perf_counter() - t})
         if data["pilot"]:
             best = max(data["pilot"], key=lambda r: (r["learning"]["difference"],
+                                                     r["learning_" + SECOND_METRIC]["difference"],
                                                      (r["reward_second_half"] or 0) - (r["reward_first_half"] or 0)))
             lr = best["lr"]
     data["learning_rate"] = lr or TRAIN_LR
     if lr is not None and lr != (args.train_lr or TRAIN_LR):
         configs = train_configs(args, out, lr=lr)
     # -- the runs, each evaluated at its end clean and under every condition
-    runs, finals = [], {}
+    runs, finals, finals2 = [], {}, {}
     for name, config in configs:
         state = _train_one(config, budget, log)
         if state is None:
@@ -1171,6 +1185,8 @@ def run_train(args, out: Path, log) -> dict:
             continue
         end = _cached_eval(Path(config.run_dir) / "end-eval", settings, lambda c=config: _end_model(c), config, log)
         finals[name] = end
+        end2 = _correct_by_setting(Path(config.run_dir) / "end-eval", SECOND_METRIC)
+        finals2[name] = end2
         cond = RUN_CONDITION[name]
         run = {"name": name, "condition": cond, "emulation": {"rollout": config.emulation.rollout,
                                                                "training": config.emulation.training},
@@ -1180,7 +1196,9 @@ def run_train(args, out: Path, log) -> dict:
                "seconds_per_step": (state.get("seconds") or 0) / max(1, state["steps"]),
                "curves": curves_of(state),
                "end": {s: 100.0 * float(np.mean(v)) for s, v in end.items()},
-               "learning": _paired(name, start["clean"], end["clean"])}
+               "end_" + SECOND_METRIC: {s: 100.0 * float(np.mean(v)) for s, v in end2.items()},
+               "learning": _paired(name, start["clean"], end["clean"]),
+               "learning_" + SECOND_METRIC: _paired(name, start2["clean"], end2["clean"], SECOND_METRIC)}
         if cond:
             spec = EVAL_SETTINGS[cond]
             run["learning_under_condition"] = _paired(name, start[spec], end[spec])
@@ -1194,8 +1212,9 @@ def run_train(args, out: Path, log) -> dict:
             for a, b in (("baseline", cond), (cond, f"{cond}+aqn"), ("baseline", f"{cond}+aqn")):
                 if a in finals and b in finals:
                     p = _paired(f"{b} vs {a}", finals[a][evaluated], finals[b][evaluated])
+                    p2 = _paired(f"{b} vs {a}", finals2[a][evaluated], finals2[b][evaluated], SECOND_METRIC)
                     comps.append({"condition": cond, "evaluated": evaluated, "a": a, "b": b, **p,
-                                  "verdict": _verdict(p)})
+                                  "verdict": _verdict(p), SECOND_METRIC: {**p2, "verdict": _verdict(p2)}})
     data["comparisons"] = comps
     data["verdict"] = _f5_verdict(data)
     data["wall_seconds"] = time.perf_counter() - t0
@@ -1208,9 +1227,11 @@ def _f5_verdict(data: dict) -> dict:
     out = {}
     base = next((r for r in data.get("runs", []) if r["name"] == "baseline"), None)
     out["baseline_learns"] = _verdict(base["learning"]) if base else "not run"
+    out[f"baseline_learns_{SECOND_METRIC}"] = _verdict(base["learning_" + SECOND_METRIC]) if base else "not run"
     for c in data.get("comparisons", []):
         if c["evaluated"] != "clean" and c["a"] == c["condition"] and c["b"] == f"{c['condition']}+aqn":
             out[f"aqn_recovers_{c['condition']}"] = c["verdict"]
+            out[f"aqn_recovers_{c['condition']}_{SECOND_METRIC}"] = c[SECOND_METRIC]["verdict"]
     if data.get("incomplete"):
         out["incomplete"] = ", ".join(data["incomplete"])
     return out
@@ -1218,6 +1239,13 @@ def _f5_verdict(data: dict) -> dict:
 
 def _pts(p: dict) -> str:
     return f"{p['difference']:+.1f} {_ci(p['ci'], '{:+.1f}')}, p {_p(p['mcnemar_p'])} ({p['gained']} / {p['lost']})"
+
+
+def _reward_words(data: dict) -> str:
+    r = data.get("reward") or {"mode": data["metric"], "format_bonus": data.get("format_bonus", 0.0)}
+    bonus = (f" + {r['format_bonus']:g} for the '#### N' line" + (" when right" if r.get("bonus_only_if_correct") else "")
+             if r.get("format_bonus") else "")
+    return f"{r['mode']} correctness{bonus}"
 
 
 def render_train_markdown(data: dict) -> str:
@@ -1229,38 +1257,50 @@ def render_train_markdown(data: dict) -> str:
              f"({m['steps_per_epoch'] * m['prompts_per_step']} problems × {m['epochs']} epochs, "
              f"{m['prompts_per_step']} prompts × {m['group']} completions × {m['max_completion_length']} tokens per "
              f"step); held-out {data['eval_data']} (n={m['n_eval']}, {data['metric']}, greedy, "
-             f"{m['eval_max_new_tokens']} tokens); reward {data['metric']} + {data['format_bonus']:g} format bonus, "
+             f"{m['eval_max_new_tokens']} tokens); reward {_reward_words(data)}, "
              f"temperature {data['temperature']:g}, LR {data['learning_rate']:g}; training time "
              f"{sum((r.get('train_seconds') or 0) for r in data.get('pilot', []) + data.get('runs', [])) / 60:.1f} min "
              f"(all invocations; this one's wall {data['wall_seconds'] / 60:.1f} min).",
-             "", "Start (the same model for every run): " + ", ".join(f"{k} {v:.1f} %" for k, v in data["start"].items()) + "."]
+             "", "Start (the same model for every run): " + ", ".join(f"{k} {v:.1f} %" for k, v in data["start"].items())
+             + f"; {SECOND_METRIC}: " + ", ".join(f"{k} {v:.1f} %" for k, v in data.get("start_" + SECOND_METRIC, {}).items())
+             + ".", "", f"Each cell: {TRAIN_METRIC} (the held-out metric); the {SECOND_METRIC} figure of the same "
+             "completions follows after a slash where given."]
     if data.get("pilot"):
         lines += ["", "Pilot (baseline, short runs; the LR with the largest held-out gain is used):", "",
-                  "| LR | steps | held-out % start → end, Δ pts [95 %], McNemar p (gained / lost) | reward 1st → 2nd half | training min |",
-                  "|---|---|---|---|---|"]
+                  "| LR | steps | held-out % start → end, Δ pts [95 %], McNemar p (gained / lost) | "
+                  f"{SECOND_METRIC}: the same | reward 1st → 2nd half | training min |",
+                  "|---|---|---|---|---|---|"]
         for r in data["pilot"]:
             p = r["learning"]
             rw = (f"{r['reward_first_half']:.3f} → {r['reward_second_half']:.3f}"
                   if r["reward_second_half"] is not None else "—")
+            p2 = r.get("learning_" + SECOND_METRIC)
+            f2 = f"{p2['ref_accuracy']:.1f} → {p2['accuracy']:.1f}, {_pts(p2)}" if p2 else "—"
             lines.append(f"| {r['lr']:g} | {r['steps']} | {p['ref_accuracy']:.1f} → {p['accuracy']:.1f}, {_pts(p)} | "
-                         f"{rw} | {(r.get('train_seconds') or 0) / 60:.1f} |")
+                         f"{f2} | {rw} | {(r.get('train_seconds') or 0) / 60:.1f} |")
     if data.get("runs"):
         specs = list(data["start"])
         lines += ["", "| run | steps | s/step | " + " | ".join(f"end, {s} %" for s in specs)
-                  + " | learning (clean end − start) | under its condition |",
-                  "|---|---|---|" + "---|" * len(specs) + "---|---|"]
+                  + f" | learning (clean end − start) | {SECOND_METRIC}: the same | under its condition |",
+                  "|---|---|---|" + "---|" * len(specs) + "---|---|---|"]
         for r in data["runs"]:
             uc = _pts(r["learning_under_condition"]) if r.get("learning_under_condition") else "—"
+            e2 = r.get("end_" + SECOND_METRIC, {})
+            l2 = _pts(r["learning_" + SECOND_METRIC]) if r.get("learning_" + SECOND_METRIC) else "—"
             lines.append(f"| {r['name']} | {r['steps']} | {r['seconds_per_step']:.0f} | "
-                         + " | ".join(f"{r['end'].get(s, float('nan')):.1f}" for s in specs)
-                         + f" | {_pts(r['learning'])} | {uc} |")
+                         + " | ".join(f"{r['end'].get(s, float('nan')):.1f}"
+                                      + (f" / {e2[s]:.1f}" if s in e2 else "") for s in specs)
+                         + f" | {_pts(r['learning'])} | {l2} | {uc} |")
     if data.get("comparisons"):
         lines += ["", "Paired at the end (b − a, points; same held-out problems):", "",
-                  "| condition | evaluated | a | b | a % → b % | b − a [95 %], McNemar p (gained / lost) | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| condition | evaluated | a | b | a % → b % | b − a [95 %], McNemar p (gained / lost) | verdict | "
+                  f"{SECOND_METRIC}: a % → b %, b − a | {SECOND_METRIC} verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in data["comparisons"]:
+            c2 = c.get(SECOND_METRIC)
+            f2 = (f"{c2['ref_accuracy']:.1f} → {c2['accuracy']:.1f}, {_pts(c2)} | {c2['verdict']}" if c2 else "— | —")
             lines.append(f"| {c['condition']} | {c['evaluated']} | {c['a']} | {c['b']} | {c['ref_accuracy']:.1f} → "
-                         f"{c['accuracy']:.1f} | {_pts(c)} | {c['verdict']} |")
+                         f"{c['accuracy']:.1f} | {_pts(c)} | {c['verdict']} | {f2} |")
     lines += ["", "Verdicts: " + "; ".join(f"{k}: {v}" for k, v in data.get("verdict", {}).items()) + "."]
     return "\n".join(lines) + "\n"
 

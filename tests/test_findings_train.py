@@ -46,7 +46,8 @@ def test_runs_differ_from_the_baseline_only_in_their_condition_and_aqn(tmp_path)
     assert tuple(configs) == findings.TRAIN_RUNS
     base = configs["baseline"]
     assert base.emulation.rollout is None and base.emulation.training is None and not base.aqn.enabled
-    assert base.finetune == "lora" and base.reward.mode == "strict" and base.reward.format_bonus > 0
+    assert base.finetune == "lora" and base.reward.mode == "flexible" and base.reward.format_bonus > 0
+    assert base.reward.bonus_only_if_correct  # a bonus for the form alone was learned as '#### <any number>'
     assert 1e-4 <= base.algorithm.learning_rate <= 5e-4  # a LoRA learning rate
     noise, mx = configs["noise"], configs["mxfp4"]
     assert noise.emulation.rollout == noise.emulation.training == "relative:0.05@ops"  # forward and backward
@@ -200,3 +201,24 @@ def test_a_run_stopped_by_the_budget_resumes_from_its_checkpoint(tmp_path, monke
     assert state["steps"] == 4 and state["resumed_from"].endswith("checkpoint-1")
     data = json.loads((tmp_path / "train.json").read_text())
     assert not data["incomplete"] and [r["name"] for r in data["runs"]] == ["baseline"]
+
+
+@pytest.mark.slow
+def test_flexible_figures_recount_from_the_completions(recipe):
+    """train.json's second metric is the flexible answer of the same greedy completions: recounted here
+    from each record's completion text and the problem file's gold, through hwnoise.rewards."""
+    from hwnoise.data import load_problems
+    from hwnoise.rewards import is_correct
+
+    out, _ = recipe
+    data = json.loads((out / "train.json").read_text())
+    gold = {p.id: p.gold for p in load_problems(out / "train" / "problems" / findings.TRAIN_EVAL_FILE)}
+    for r in data["runs"]:
+        rows = [json.loads(line) for line in (out / "train" / r["name"] / "end-eval" / "records.jsonl").open()]
+        for spec, value in r["end_flexible"].items():
+            mine = [is_correct(x["completion"], gold[x["problem_id"]], "flexible") for x in rows if x["setting"] == spec]
+            assert len(mine) == 4 and value == pytest.approx(100.0 * sum(mine) / 4)
+        assert r["learning_flexible"]["n"] == 4
+    assert all(c["flexible"]["verdict"] for c in data["comparisons"])
+    assert "baseline_learns_flexible" in data["verdict"]
+    assert "flexible: the same" in (out / "train.md").read_text()
