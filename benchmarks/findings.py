@@ -791,7 +791,7 @@ TRAIN_MODES = {
     "quick": {"prompts_per_step": 1, "group": 2, "steps_per_epoch": 2, "epochs": 2, "n_eval": 4,
               "max_completion_length": 8, "eval_max_new_tokens": 8, "eval_every": 0, "eval_batch_size": 4,
               "pilot_lrs": (3e-4,), "pilot_steps": 1, "lora_rank": 8},
-    "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 10, "epochs": 2, "n_eval": 48,
+    "cpu": {"prompts_per_step": 2, "group": 8, "steps_per_epoch": 6, "epochs": 2, "n_eval": 48,
             "max_completion_length": 32, "eval_max_new_tokens": 32, "eval_every": 10, "eval_batch_size": 16,
             "pilot_lrs": (2e-4, 5e-4), "pilot_steps": 8, "lora_rank": 16},
     "gpu": {"prompts_per_step": 8, "group": 8, "steps_per_epoch": 30, "epochs": 2, "n_eval": 400,
